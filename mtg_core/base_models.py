@@ -1,0 +1,207 @@
+"""Base models: presets, the embedded tiny Mixtral, and loading in NF4 with every weight matrix 4-bit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import attrs
+
+from mtg_core.errors import BaseModelError
+
+ASSETS = Path(__file__).parent / "assets"
+TOKENIZER_DIR = ASSETS / "tokenizer"
+TINY = "tiny-mixtral"
+PRESETS = {
+    TINY: None,  # built locally, see ensure_tiny_mixtral
+    "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1",
+    "mixtral-8x7b-instruct": "mistralai/Mixtral-8x7B-Instruct-v0.1",
+}
+# Mixtral's architecture (MoE block with a router over 8 experts, top-2) at a size that trains on a CPU.
+TINY_CONFIG = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
+TINY_SEED = 1234
+TINY_VERSION = 1  # bump when TINY_CONFIG, TINY_SEED or the tokenizer change
+# Weight matrices that must be 4-bit under --quant nf4; router, norms, embeddings and lm_head may stay bf16.
+QUANTIZED_PARTS = (".self_attn.", ".experts.")
+
+
+@attrs.frozen
+class BaseChoice:
+    """Which base to use: `name` as the user gave it, `location` a folder or hub id, and why it was chosen."""
+
+    name: str
+    location: str
+    reason: str
+
+
+@attrs.frozen
+class QuantizationReport:
+    method: str
+    quantized_weights: int
+    total_weights: int
+    first_unquantized: str | None = None
+
+
+@attrs.define
+class LoadedBase:
+    """A loaded base; `model` is swapped for the LoRA-free base after each expert of --all."""
+
+    model: object
+    tokenizer: object
+    choice: BaseChoice
+    quantization: QuantizationReport
+    device: str
+    compute_dtype: str
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MTG_CACHE_DIR") or Path.home() / ".cache" / "mtg_core")
+
+
+def default_base() -> BaseChoice:
+    import torch
+
+    if torch.cuda.is_available():
+        return choose_base("mixtral-8x7b", reason=f"a CUDA GPU is present ({torch.cuda.get_device_name(0)})")
+    return choose_base(TINY, reason="no CUDA GPU: the embedded tiny Mixtral trains on the CPU; pass --base-model to change")
+
+
+def choose_base(name: str, reason: str = "chosen with --base-model") -> BaseChoice:
+    """Resolve a preset, a local folder or a hub id, checking a local folder has what loading needs."""
+    if name in PRESETS:
+        location = str(ensure_tiny_mixtral()) if name == TINY else PRESETS[name]
+        return BaseChoice(name, location, f"{reason} (preset)")
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):  # hub ids look like "org/name"
+        if not path.is_dir():
+            raise BaseModelError(f"--base-model {name}: no such folder; give a model folder, a hub id or a preset ({', '.join(PRESETS)})")
+        if not (path / "config.json").is_file():
+            raise BaseModelError(f"--base-model {name}: {path / 'config.json'} is missing; the folder must hold a transformers model (config.json, *.safetensors, tokenizer)")
+        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            raise BaseModelError(f"--base-model {name}: no tokenizer (tokenizer.json or tokenizer.model) in {path}; copy the tokenizer files of the model into it")
+        return BaseChoice(name, str(path.resolve()), f"{reason} (local folder)")
+    return BaseChoice(name, name, f"{reason} (hub id)")
+
+
+def ensure_tiny_mixtral() -> Path:
+    """Build the embedded tiny Mixtral once (fixed seed, shipped tokenizer) and return its folder."""
+    target = cache_dir() / f"{TINY}-v{TINY_VERSION}"
+    if (target / "model.safetensors").is_file():
+        return target
+    import torch
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    config = MixtralConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_CONFIG,
+    )
+    torch.manual_seed(TINY_SEED)
+    model = MixtralForCausalLM(config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename, so a concurrent or interrupted build never leaves half a model.
+    staging = Path(tempfile.mkdtemp(prefix=f".{TINY}-", dir=target.parent))
+    model.save_pretrained(staging)  # transformers writes the hub layout: block_sparse_moe.experts.N.w1/w2/w3
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process built it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def count_quantized(model) -> QuantizationReport:
+    """Count the attention and expert weight matrices, and how many of them are 4-bit.
+
+    A fused 3-D expert tensor (the stock transformers 5 layout) counts one matrix per expert.
+    """
+    quantized = total = 0
+    first = None
+    for name, param in model.named_parameters():
+        if not name.endswith(("weight", "_proj")) or not any(part in f".{name}" for part in QUANTIZED_PARTS) or "lora_" in name:
+            continue
+        matrices = param.shape[0] if param.dim() == 3 else 1
+        total += matrices
+        if type(param).__name__ == "Params4bit":
+            quantized += matrices
+        elif first is None:
+            first = name
+    method = "nf4" if quantized else "none"
+    return QuantizationReport(method, quantized, total, first)
+
+
+def load_base(choice: BaseChoice, quant: str, log: Callable[[str], None] = print) -> LoadedBase:
+    """Load the base for training: per-expert Linear layout for Mixtral, NF4 quantised while loading."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from mtg_core.moe import MtgMixtralForCausalLM
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        config = AutoConfig.from_pretrained(choice.location, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(choice.location, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(
+            f"cannot load base model {choice.name!r}: {str(exc).splitlines()[0]}; without network give a local "
+            f"folder (config.json, *.safetensors, tokenizer) or the preset {TINY}"
+        ) from None
+    model_class = MtgMixtralForCausalLM if config.model_type == "mixtral" else AutoModelForCausalLM
+    quantization_config = None
+    if quant == "nf4":
+        quantization_config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    try:
+        model, info = model_class.from_pretrained(
+            choice.location,
+            config=config,
+            dtype=dtype,
+            quantization_config=quantization_config,
+            device_map={"": 0} if cuda else None,
+            use_safetensors=True,
+            trust_remote_code=False,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"cannot load the weights of {choice.name!r}: {str(exc).splitlines()[0]}") from None
+    if info["missing_keys"]:
+        raise BaseModelError(
+            f"{choice.name}: the checkpoint lacks {len(info['missing_keys'])} weights (e.g. {sorted(info['missing_keys'])[0]}); "
+            "only checkpoints in the hub layout (experts.N.w1/w2/w3) load into the 4-bit Mixtral"
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    report = count_quantized(model)
+    if quant == "nf4" and report.quantized_weights < report.total_weights:
+        raise BaseModelError(
+            f"{choice.name}: only {report.quantized_weights} of {report.total_weights} attention/expert weight matrices "
+            f"are 4-bit (first bf16 one: {report.first_unquantized}); refusing to train a half-quantised model. "
+            "Use --quant none, or a model whose layers are nn.Linear"
+        )
+    log(
+        f"loaded {choice.name} on {device} ({str(dtype).removeprefix('torch.')} compute): "
+        f"{report.quantized_weights}/{report.total_weights} attention and expert weight matrices in {report.method}"
+    )
+    return LoadedBase(model, tokenizer, choice, report, device, str(dtype).removeprefix("torch."))

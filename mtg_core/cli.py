@@ -1,0 +1,161 @@
+"""`mtg-train`: list, plan and train expert adapters. Imports no torch until training starts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tomllib
+from pathlib import Path
+
+import click
+
+from mtg_core.errors import ConfigError, MtgError
+from mtg_core.plugins import ALLOW_LIST_ENV, Registry
+
+log = logging.getLogger("mtg_core")
+CONFIG_KEYS = {
+    "expert", "all", "base_model", "data", "output_dir", "max_steps", "max_samples", "epochs", "seq_len",
+    "batch_size", "grad_accum", "lr", "seed", "quant",
+}
+
+
+def _read_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--config FILE: a TOML table of the same options; the command line wins (click's default_map)."""
+    if value is None:
+        return None
+    try:
+        settings = tomllib.loads(Path(value).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise click.BadParameter(f"{value}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"{value}: not valid TOML ({exc})") from None
+    settings = {key.replace("-", "_"): v for key, v in settings.items()}
+    unknown = sorted(set(settings) - CONFIG_KEYS)
+    if unknown:
+        raise click.BadParameter(f"{value}: unknown option {unknown[0]!r}; known: {', '.join(sorted(CONFIG_KEYS))}")
+    ctx.default_map = {**(ctx.default_map or {}), **settings}
+    return value
+
+
+def _expert_rows(registry: Registry) -> list[dict]:
+    from mtg_core.errors import MtgError as _Error
+
+    rows = []
+    for expert in registry.experts():
+        row = {"name": expert.name, "description": expert.info.description, "distribution": expert.distribution,
+               "version": expert.version, "rank": None, "alpha": None, "dropout": None, "examples": None,
+               "heldout_examples": None, "status": "ok", "error": expert.error}
+        try:
+            if expert.error:
+                raise _Error(expert.error)
+            lora = registry.lora_settings(expert)
+            files = registry.data_files(expert)
+            row.update(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                       examples=_count_lines(files.train), heldout_examples=_count_lines(files.heldout))
+        except _Error as exc:
+            row.update(status="error", error=str(exc))
+        rows.append(row)
+    for failure in registry.failures:
+        rows.append({"name": failure.plugin, "description": None, "distribution": failure.distribution, "version": None,
+                     "rank": None, "alpha": None, "dropout": None, "examples": None, "heldout_examples": None,
+                     "status": "error", "error": failure.reason})
+    return rows
+
+
+def _count_lines(path: Path) -> int | None:
+    try:
+        return sum(1 for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _print_table(rows: list[dict]) -> None:
+    columns = ["name", "distribution", "version", "rank", "alpha", "dropout", "examples", "status"]
+    cells = [[("-" if row[c] is None else str(row[c])) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for row, line in zip(rows, cells):
+        click.echo("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
+        if row["error"]:
+            click.echo(f"    {row['error']}")
+    if not rows:
+        click.echo(f"no experts installed (pip install ./mtg_expert_<name>; ${ALLOW_LIST_ENV} may be filtering)")
+
+
+def _setup_logging(output_dir: Path) -> None:
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(output_dir / "training_log.txt", encoding="utf-8")):
+        handler.setFormatter(formatter)
+        log.addHandler(handler)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", type=click.Path(dir_okay=False), callback=_read_config, is_eager=True, expose_value=False,
+              help="TOML file with any of these options (names as below, without --); the command line wins.")
+@click.option("--expert", "-e", metavar="NAME", help="Expert to train (any case): see --list.")
+@click.option("--all", "all_experts", is_flag=True, help="Train every installed expert in turn on one loaded base.")
+@click.option("--list", "list_experts", is_flag=True, help="List installed experts and exit.")
+@click.option("--json", "as_json", is_flag=True, help="With --list: print JSON.")
+@click.option("--base-model", metavar="NAME", help="Preset (tiny-mixtral, mixtral-8x7b, mixtral-8x7b-instruct), folder or hub id. "
+              "Default: mixtral-8x7b with a CUDA GPU, tiny-mixtral otherwise.")
+@click.option("--data", type=click.Path(), help="JSONL file to train on instead of the expert's bundled data.")
+@click.option("--output-dir", type=click.Path(file_okay=False), default="adapters", show_default=True,
+              help="Adapters go to OUTPUT_DIR/<expert>/.")
+@click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many optimizer steps.")
+@click.option("--max-samples", type=click.IntRange(min=1), help="Train on the first N examples only (a test run).")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True, max=1000), default=3.0, show_default=True)
+@click.option("--seq-len", type=click.IntRange(16, 32768), default=512, show_default=True, help="Token cap per example.")
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=4, show_default=True)
+@click.option("--grad-accum", type=click.IntRange(1, 1024), default=4, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True, max=1.0), default=2e-4, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True)
+@click.option("--quant", type=click.Choice(["nf4", "none"]), default="nf4", show_default=True,
+              help="nf4: every attention and expert weight in 4-bit (QLoRA); none: the compute dtype.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def train_command(expert, all_experts, list_experts, as_json, base_model, data, output_dir, debug, **hyper):
+    """Train MTG reasoning-mode LoRA experts (QLoRA on Mixtral, or the embedded tiny Mixtral on a CPU)."""
+    try:
+        registry = Registry.discover()
+        if list_experts:
+            rows = _expert_rows(registry)
+            click.echo(json.dumps(rows, indent=2)) if as_json else _print_table(rows)
+            return
+        _train(registry, expert, all_experts, base_model, data, Path(output_dir), hyper)
+    except MtgError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+
+
+def _train(registry: Registry, name, all_experts, base_model, data, output_dir: Path, hyper: dict) -> None:
+    from mtg_core.train import TrainOptions, check_output_dir, prepare, train_expert
+
+    if bool(name) == bool(all_experts):
+        raise ConfigError("give --expert NAME or --all (see --list for the installed experts)")
+    if all_experts and data:
+        raise ConfigError("--data applies to one expert: use it with --expert, not --all")
+    experts = [registry.expert(name)] if name else [registry.expert(e.name) for e in registry.experts()]
+    if not experts:
+        raise ConfigError(f"no experts installed; pip install ./mtg_expert_<name> (or check ${ALLOW_LIST_ENV})")
+    options = TrainOptions(**hyper)
+    check_output_dir(output_dir)
+    _setup_logging(output_dir)
+    for failure in registry.failures:
+        log.warning("plugin %s (%s) not loaded: %s", failure.plugin, failure.distribution, failure.reason)
+
+    from mtg_core.base_models import choose_base, default_base, load_base
+
+    choice = choose_base(base_model) if base_model else default_base()
+    log.info("base model: %s (%s): %s", choice.name, choice.location, choice.reason)
+    runs = [prepare(registry, expert, options, data) for expert in experts]  # all data checked before weights load
+    base = load_base(choice, options.quant, log.info)
+    for run in runs:
+        train_expert(base, registry, run, options, output_dir)
+
+
+def new_expert_command():  # defined in the next step
+    raise NotImplementedError

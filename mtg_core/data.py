@@ -1,0 +1,123 @@
+"""Training data: strict JSONL reading with one-line errors, and tokenisation with prompt masking."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Iterable
+
+import attrs
+
+from mtg_core.errors import DataError
+from mtg_core.experts import FormattedExample
+
+RECORD_KEYS = ("input", "output")
+EXAMPLE = '{"input": "question ...", "output": "answer ..."}'
+IGNORE_INDEX = -100  # label value that transformers' loss skips
+MAX_UNTRAINED_FRACTION = 0.10
+
+
+def _line_of(raw: bytes, offset: int) -> int:
+    return raw[:offset].count(b"\n") + 1
+
+
+def read_records(path: Path | str) -> list[dict[str, str]]:
+    """Read a JSON Lines file of {"input", "output"} string records.
+
+    Accepts what a user would call valid (UTF-8 BOM, CRLF, blank lines, extra keys); anything else
+    raises DataError naming the file, the line and the fix.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file; give a JSON Lines file with one {EXAMPLE} per line")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; give the .jsonl file inside it")
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        nul = raw.index(b"\x00")
+        raise DataError(
+            f"{path}:{_line_of(raw, nul)}: contains NUL bytes (binary or UTF-16?); save it as UTF-8 JSON Lines"
+        )
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path}:{_line_of(raw, exc.start)}: byte 0x{raw[exc.start]:02x} is not UTF-8; re-save the file as UTF-8"
+        ) from None
+    lines = [(number, line) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+    if not lines:
+        raise DataError(f"{path}: has no records; write one {EXAMPLE} per line")
+    if lines[0][1].lstrip().startswith("["):
+        raise DataError(
+            f"{path}:{lines[0][0]}: starts a JSON array; JSON Lines needs one object per line, not a list "
+            "(convert with: python -c \"import json,sys; [print(json.dumps(r)) for r in json.load(sys.stdin)]\" < in > out.jsonl)"
+        )
+    return [_record(path, number, line) for number, line in lines]
+
+
+def _record(path: Path, number: int, line: str) -> dict[str, str]:
+    where = f"{path}:{number}"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); each line must be one {EXAMPLE}") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply; each line must be one {EXAMPLE}") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: is a JSON {type(obj).__name__}, not an object; each line must be one {EXAMPLE}")
+    for key in RECORD_KEYS:
+        if key not in obj:
+            raise DataError(f"{where}: no {key!r} key (keys: {', '.join(map(repr, obj)) or 'none'}); each line must be one {EXAMPLE}")
+        if not isinstance(obj[key], str):
+            raise DataError(f"{where}: {key!r} is a {type(obj[key]).__name__}, not a string; quote it")
+        if not obj[key].strip():
+            raise DataError(f"{where}: {key!r} is empty; write the text or delete the line")
+    return {key: obj[key] for key in RECORD_KEYS}
+
+
+def file_sha256(path: Path | str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@attrs.frozen
+class TokenizedData:
+    """Token ids with prompt tokens masked out of the labels, and what truncation cost."""
+
+    rows: list[dict[str, list[int]]]
+    truncated: int
+    untrained: int
+    trained_tokens: int
+
+
+def tokenize(examples: Iterable[FormattedExample], tokenizer, seq_len: int) -> TokenizedData:
+    """Tokenise prompt (with BOS) and completion (with EOS); the loss sees only completion tokens."""
+    rows, truncated, untrained, trained = [], 0, 0, 0
+    for example in examples:
+        prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
+        completion = tokenizer(" " + example.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        input_ids = (prompt + completion)[:seq_len]
+        labels = ([IGNORE_INDEX] * len(prompt) + completion)[:seq_len]
+        truncated += len(prompt) + len(completion) > seq_len
+        n_trained = sum(label != IGNORE_INDEX for label in labels)
+        untrained += n_trained == 0
+        trained += n_trained
+        rows.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
+    return TokenizedData(rows, truncated, untrained, trained)
+
+
+def check_trainable(data: TokenizedData, seq_len: int, source: str) -> None:
+    if data.untrained > MAX_UNTRAINED_FRACTION * len(data.rows):
+        raise DataError(
+            f"{source}: {data.untrained} of {len(data.rows)} examples have no answer tokens left after truncation to "
+            f"--seq-len {seq_len}; raise --seq-len or shorten the prompts"
+        )
+
+
+def load_examples(
+    path: Path, format_example: Callable[[dict[str, str]], FormattedExample], max_samples: int | None = None
+) -> list[FormattedExample]:
+    records = read_records(path)
+    if max_samples is not None:
+        records = records[:max_samples]
+    return [format_example(record) for record in records]

@@ -1,0 +1,232 @@
+"""The generic trainer: any registered expert, the seed's memory-optimised QLoRA recipe, on transformers' Trainer.
+
+Reads top to bottom: prepare (data and settings, before any weights load), train (peft LoRA on the
+loaded base), save (adapter, metadata, TensorBoard) into a work folder that replaces the old adapter
+only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import attrs
+
+from mtg_core.data import check_trainable, file_sha256, load_examples, tokenize
+from mtg_core.errors import ConfigError
+from mtg_core.experts import FormattedExample, LoraSettings
+from mtg_core.plugins import Expert, Registry
+
+log = logging.getLogger("mtg_core")
+
+
+@attrs.frozen
+class TrainOptions:
+    """Hyper-parameters of one run; ranges are checked by the CLI before anything loads."""
+
+    epochs: float = 3.0
+    max_steps: int | None = None
+    max_samples: int | None = None
+    seq_len: int = 512
+    batch_size: int = 4
+    grad_accum: int = 4
+    lr: float = 2e-4
+    seed: int = 42
+    quant: str = "nf4"
+
+
+@attrs.frozen
+class PreparedRun:
+    """Everything about one expert's run that can be checked before the base model loads."""
+
+    expert: Expert
+    lora: LoraSettings
+    data_path: Path
+    examples: list[FormattedExample]
+
+
+def prepare(registry: Registry, expert: Expert, options: TrainOptions, data: Path | None) -> PreparedRun:
+    lora = registry.lora_settings(expert)
+    data_path = Path(data) if data else registry.data_files(expert).train
+    examples = load_examples(data_path, lambda record: registry.format_example(expert, record), options.max_samples)
+    return PreparedRun(expert, lora, data_path, examples)
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Fail before loading weights when the adapters folder cannot be written."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--output-dir {output_dir}: cannot write there ({exc.strerror}); choose a writable folder") from None
+
+
+def memory_stats() -> dict[str, float]:
+    """Process RSS and, on CUDA, allocated / reserved / peak memory, in GiB."""
+    import psutil
+    import torch
+
+    gib = 1024**3
+    stats = {"memory/rss_gib": psutil.Process().memory_info().rss / gib}
+    if torch.cuda.is_available():
+        stats["memory/cuda_allocated_gib"] = torch.cuda.memory_allocated() / gib
+        stats["memory/cuda_reserved_gib"] = torch.cuda.memory_reserved() / gib
+        stats["memory/cuda_peak_gib"] = torch.cuda.max_memory_allocated() / gib
+    return {k: round(v, 4) for k, v in stats.items()}
+
+
+def _trainer_classes():
+    from transformers import ProgressCallback, Trainer, TrainerCallback
+
+    class MemoryLoggingTrainer(Trainer):
+        # Trainer.log is the one place every reporter (TensorBoard included) reads from: memory joins the logs here.
+        def log(self, logs, start_time=None):
+            if "loss" in logs:
+                logs.update(memory_stats())
+            super().log(logs, start_time)
+
+    class LogLines(TrainerCallback):
+        """Each logging step as one line of training_log.txt and the console."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                fields = " ".join(f"{k.removeprefix('memory/')}={v:.4g}" for k, v in logs.items() if isinstance(v, (int, float)))
+                log.info("step %d/%d %s", state.global_step, state.max_steps, fields)
+
+    class ProgressBarOnly(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass  # LogLines already reports each step, once, in a readable form
+
+    return MemoryLoggingTrainer, LogLines, ProgressBarOnly
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "peft", "bitsandbytes", "mtg-core")}
+
+
+def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptions, output_dir: Path) -> dict:
+    """Train one expert's LoRA on `base.model`, write DIR/<expert>/ atomically, and leave the base LoRA-free."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, ProgressCallback, TrainingArguments
+
+    expert = run.expert
+    data = tokenize(run.examples, base.tokenizer, options.seq_len)
+    log.info(
+        "%s: %d examples from %s; %d truncated to %d tokens, %d with no answer tokens, %d answer tokens to learn",
+        expert.name, len(data.rows), run.data_path, data.truncated, options.seq_len, data.untrained, data.trained_tokens,
+    )
+    check_trainable(data, options.seq_len, str(run.data_path))
+    lora_config = LoraConfig(
+        r=run.lora.rank,
+        lora_alpha=run.lora.alpha,
+        lora_dropout=run.lora.dropout,
+        target_modules=list(run.lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(options.seed)  # LoRA A matrices are drawn here
+    model = get_peft_model(base.model, lora_config)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("%s: LoRA rank %d alpha %g dropout %g on %s: %d trainable of %d parameters",
+             expert.name, run.lora.rank, run.lora.alpha, run.lora.dropout, ",".join(run.lora.target_modules), trainable, total)
+
+    cuda = base.device == "cuda"
+    work = Path(tempfile.mkdtemp(prefix=f".{expert.name}.partial-", dir=output_dir))
+    try:
+        args = TrainingArguments(
+            output_dir=str(work),
+            num_train_epochs=options.epochs,
+            max_steps=options.max_steps or -1,
+            per_device_train_batch_size=options.batch_size,
+            gradient_accumulation_steps=options.grad_accum,
+            learning_rate=options.lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.03,
+            optim="paged_adamw_8bit",
+            activation_checkpointing=True,
+            activation_checkpointing_kwargs={"use_reentrant": False},
+            bf16=base.compute_dtype == "bfloat16",
+            use_cpu=not cuda,
+            seed=options.seed,
+            data_seed=options.seed,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=["tensorboard"],
+            dataloader_pin_memory=cuda,
+        )
+        MemoryLoggingTrainer, LogLines, ProgressBarOnly = _trainer_classes()
+        trainer = MemoryLoggingTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(data.rows),
+            data_collator=DataCollatorForSeq2Seq(base.tokenizer, padding=True, label_pad_token_id=-100),
+            callbacks=[LogLines(), *registry.trainer_callbacks(expert)],
+        )
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(ProgressBarOnly)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        result = trainer.train()
+        wall = time.perf_counter() - started
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        model.save_pretrained(work)
+        meta = {
+            "expert": expert.name,
+            "plugin": {"name": expert.plugin, "distribution": expert.distribution, "version": expert.version},
+            "base_model": {"name": base.choice.name, "location": base.choice.location},
+            "hyperparameters": {**attrs.asdict(options), **attrs.asdict(run.lora), "target_modules": list(run.lora.target_modules)},
+            "data": {
+                "path": str(run.data_path),
+                "sha256": file_sha256(run.data_path),
+                "examples": len(data.rows),
+                "truncated": data.truncated,
+                "untrained": data.untrained,
+                "answer_tokens": data.trained_tokens,
+            },
+            "steps": trainer.state.global_step,
+            "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None,
+            "train_loss": result.training_loss,
+            "wall_time_s": round(wall, 2),
+            "peak_memory": {
+                "rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 4),
+                **({"cuda_peak_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 4)} if cuda else {}),
+            },
+            "quantization": attrs.asdict(base.quantization, filter=lambda a, v: a.name != "first_unquantized"),
+            "device": base.device,
+            "compute_dtype": base.compute_dtype,
+            "versions": _versions(),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (work / "training_meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _replace_dir(work, output_dir / expert.name)
+        log.info("%s: adapter saved to %s (loss %.4f -> %.4f in %.1fs)", expert.name, output_dir / expert.name,
+                 meta["first_loss"], meta["final_loss"], wall)
+        return meta
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        base.model = model.unload()  # the next expert of --all starts from the same, untouched base
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Swap `new` in for `final`; the old adapter stays whole until the new one is complete on disk."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+    new.rename(final)
+    if old is not None:
+        shutil.rmtree(old)

@@ -1,0 +1,1 @@
+"""The EXPLAIN expert: Clear rule explanations for players."""

@@ -1,0 +1,1 @@
+"""The PREDICT expert: Game state and probability analysis."""

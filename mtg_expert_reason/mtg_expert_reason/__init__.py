@@ -1,0 +1,1 @@
+"""The REASON expert: Logical reasoning for MTG rules and interactions."""

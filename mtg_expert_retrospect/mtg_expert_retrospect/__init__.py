@@ -1,0 +1,1 @@
+"""The RETROSPECT expert: Game analysis and decision review."""

@@ -1,0 +1,1 @@
+"""The TEACH expert: Educational content for learning the game."""
