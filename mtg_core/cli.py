@@ -53,6 +53,8 @@ def _expert_rows(registry: Registry) -> list[dict]:
             files = registry.data_files(expert)
             row.update(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
                        examples=_count_lines(files.train), heldout_examples=_count_lines(files.heldout))
+            if row["examples"] is None:
+                raise _Error(f"training data {files.train} is missing or unreadable; reinstall {expert.distribution}")
         except _Error as exc:
             row.update(status="error", error=str(exc))
         rows.append(row)
@@ -157,5 +159,17 @@ def _train(registry: Registry, name, all_experts, base_model, data, output_dir: 
         train_expert(base, registry, run, options, output_dir)
 
 
-def new_expert_command():  # defined in the next step
-    raise NotImplementedError
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("name")
+@click.option("--description", "-d", required=True, help="One line: what the expert does.")
+@click.option("--dest", type=click.Path(file_okay=False), default=".", show_default=True, help="Folder to create it in.")
+def new_expert_command(name, description, dest):
+    """Create mtg_expert_NAME/, a new expert package to edit, test and `pip install`."""
+    from mtg_core.scaffold import scaffold
+
+    try:
+        root = scaffold(name, description, Path(dest))
+    except MtgError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    click.echo(f"created {root}\nnext: edit its template.txt, data/ and plugin.py, then `pip install {root}` and `mtg-train --list`")

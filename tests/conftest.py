@@ -1,0 +1,61 @@
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtg_core import ExpertInfo, LoraSettings, hookimpl
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERTS = ("reason", "explain", "teach", "predict", "retrospect")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_cache(tmp_path_factory):
+    """Tests never touch the network or the user's cache: the tiny model is built once per session."""
+    os.environ["MTG_CACHE_DIR"] = str(tmp_path_factory.mktemp("mtg-cache"))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.pop("MTG_PLUGINS", None)
+
+
+class ToyExpert:
+    """A minimal hand-written plugin (no PackagedExpert), as a third party might write one."""
+
+    def __init__(self, name="toy", rank=4, data_dir=None):
+        self.name, self.rank, self.data_dir = name, rank, data_dir
+
+    @hookimpl
+    def mtg_register_experts(self):
+        return [ExpertInfo(self.name, "A toy expert for tests")]
+
+    @hookimpl
+    def mtg_lora_settings(self, expert):
+        return LoraSettings(rank=self.rank, alpha=2 * self.rank, dropout=0.0) if expert == self.name else None
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def make_dist(site: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str] | None = None) -> Path:
+    """Install a distribution the way pip would leave it: modules plus a .dist-info with real entry points."""
+    info = site / f"{dist.replace('-', '_')}-0.1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1.0\n")
+    lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[mtg_core]\n{lines}")
+    for relative, source in (modules or {}).items():
+        (site / relative).parent.mkdir(parents=True, exist_ok=True)
+        (site / relative).write_text(source)
+    return site
+
+
+def cli_env(*sites: Path, **extra) -> dict[str, str]:
+    env = {**os.environ, **extra}
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, sites), env.get("PYTHONPATH", "")])
+    return env
+
+
+MTG_TRAIN = [sys.executable, "-c", "from mtg_core.cli import train_command; train_command()"]

@@ -1,0 +1,89 @@
+"""The command line: listing, errors, --config, and no torch on the --help / --list path."""
+
+import json
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from conftest import EXPERTS, MTG_TRAIN
+from mtg_core.cli import train_command
+
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "datasets")
+
+
+def run(*args):
+    return CliRunner().invoke(train_command, list(args))
+
+
+def test_help_and_list_import_no_torch():
+    for args in (["--help"], ["--list"], ["--list", "--json"]):
+        code = (
+            "import sys\nfrom mtg_core.cli import train_command\n"
+            f"try:\n    train_command({args!r})\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert result.stdout.strip().splitlines()[-1] == "[]", (args, result.stdout)
+
+
+def test_list_json_has_one_object_per_expert_with_the_documented_keys():
+    result = run("--list", "--json")
+    assert result.exit_code == 0
+    rows = json.loads(result.output)
+    by_name = {row["name"]: row for row in rows}
+    assert set(EXPERTS) <= set(by_name)
+    for name in EXPERTS:
+        row = by_name[name]
+        assert {"name", "rank", "alpha", "dropout", "status", "distribution", "version", "examples"} <= set(row)
+        assert row["status"] == "ok" and row["examples"] >= 60 and row["heldout_examples"] >= 12
+        assert isinstance(row["rank"], int) and row["alpha"] > 0 and 0 <= row["dropout"] < 1
+
+
+def test_list_table_names_every_expert():
+    result = run("--list")
+    assert result.exit_code == 0
+    assert result.output.splitlines()[0].split() == ["NAME", "DISTRIBUTION", "VERSION", "RANK", "ALPHA", "DROPOUT", "EXAMPLES", "STATUS"]
+    for name in EXPERTS:
+        assert any(line.split()[:2] == [name, f"mtg-expert-{name}"] for line in result.output.splitlines())
+
+
+def test_unknown_expert_exits_non_zero_naming_the_installed_ones():
+    result = subprocess.run([*MTG_TRAIN, "--expert", "NOSUCH"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: no expert named 'NOSUCH' is installed (installed: explain, predict, reason, retrospect, teach); "
+        "install one with `pip install ./mtg_expert_<name>` or check $MTG_PLUGINS"
+    )
+
+
+def test_expert_or_all_is_required():
+    assert "give --expert NAME or --all" in run().output
+    assert "give --expert NAME or --all" in run("--expert", "teach", "--all").output
+
+
+def test_out_of_range_numbers_are_refused_before_anything_loads(tmp_path):
+    for option, value in [("--lr", "0"), ("--seq-len", "4"), ("--batch-size", "0"), ("--max-steps", "0"), ("--epochs", "-1")]:
+        result = run("--expert", "teach", option, value, "--output-dir", str(tmp_path))
+        assert result.exit_code == 2 and option in result.output, (option, result.output)
+
+
+def test_config_file_supplies_options_and_the_command_line_wins(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("mtg_core.cli._train", lambda registry, name, all_experts, base, data, out, hyper: seen.update(hyper, expert=name, out=out))
+    config = tmp_path / "run.toml"
+    config.write_text('expert = "teach"\nseq-len = 256\nlr = 0.001\nmax_steps = 7\n')
+    assert run("--config", str(config), "--lr", "0.01").exit_code == 0
+    assert seen["expert"] == "teach" and seen["seq_len"] == 256 and seen["lr"] == 0.01 and seen["max_steps"] == 7
+    config.write_text("learning_rate = 0.1\n")
+    result = run("--config", str(config))
+    assert result.exit_code == 2 and "unknown option 'learning_rate'" in result.output
+    config.write_text("seq_len = 4\n")
+    assert run("--config", str(config), "--expert", "teach").exit_code == 2
+
+
+def test_unwritable_output_dir_is_refused_before_the_model_loads(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run("--expert", "teach", "--output-dir", str(blocker / "adapters"))
+    assert result.exit_code == 2 and "cannot write there" in result.output
