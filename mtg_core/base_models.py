@@ -33,6 +33,7 @@ TINY_CONFIG = dict(
     tie_word_embeddings=False,
 )
 TINY_SEED = 1234
+TINY_LR = 2e-3  # default learning rate on the tiny base: its random weights need bigger LoRA steps than Mixtral
 TINY_VERSION = 1  # bump when TINY_CONFIG, TINY_SEED or the tokenizer change
 # Weight matrices that must be 4-bit under --quant nf4; router, norms, embeddings and lm_head may stay bf16.
 QUANTIZED_PARTS = (".self_attn.", ".experts.")

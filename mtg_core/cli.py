@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+from contextlib import contextmanager
 import tomllib
 from pathlib import Path
 
+import attrs
 import click
 
 from mtg_core.errors import ConfigError, MtgError
@@ -16,7 +19,7 @@ from mtg_core.plugins import ALLOW_LIST_ENV, Registry
 log = logging.getLogger("mtg_core")
 CONFIG_KEYS = {
     "expert", "all", "base_model", "data", "output_dir", "max_steps", "max_samples", "epochs", "seq_len",
-    "batch_size", "grad_accum", "lr", "seed", "quant",
+    "batch_size", "grad_accum", "lr", "seed", "quant", "save_steps",
 }
 
 
@@ -112,12 +115,16 @@ def _setup_logging(output_dir: Path) -> None:
 @click.option("--seq-len", type=click.IntRange(16, 32768), default=512, show_default=True, help="Token cap per example.")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=4, show_default=True)
 @click.option("--grad-accum", type=click.IntRange(1, 1024), default=4, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True, max=1.0), default=2e-4, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True, max=1.0),
+              help="Learning rate. Default: 2e-4 (QLoRA's) for Mixtral, 2e-3 for tiny-mixtral, whose random base learns slowly.")
 @click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True)
 @click.option("--quant", type=click.Choice(["nf4", "none"]), default="nf4", show_default=True,
               help="nf4: every attention and expert weight in 4-bit (QLoRA); none: the compute dtype.")
+@click.option("--save-steps", type=click.IntRange(min=1), help="Checkpoint every N steps (the last 3 are kept) for --resume.")
+@click.option("--resume", is_flag=True, help="Continue the newest complete checkpoint of an interrupted run.")
+@click.option("--force", is_flag=True, help="With --resume: resume although settings changed; without: discard an interrupted run.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def train_command(expert, all_experts, list_experts, as_json, base_model, data, output_dir, debug, **hyper):
+def train_command(expert, all_experts, list_experts, as_json, base_model, data, output_dir, resume, force, debug, **hyper):
     """Train MTG reasoning-mode LoRA experts (QLoRA on Mixtral, or the embedded tiny Mixtral on a CPU)."""
     try:
         registry = Registry.discover()
@@ -125,16 +132,38 @@ def train_command(expert, all_experts, list_experts, as_json, base_model, data, 
             rows = _expert_rows(registry)
             click.echo(json.dumps(rows, indent=2)) if as_json else _print_table(rows)
             return
-        _train(registry, expert, all_experts, base_model, data, Path(output_dir), hyper)
+        with _stop_on_signals():
+            _train(registry, expert, all_experts, base_model, data, Path(output_dir), hyper, resume, force)
     except MtgError as exc:
         if debug:
             raise
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"{exc.label}: {exc}", err=True)
         sys.exit(exc.exit_code)
 
 
-def _train(registry: Registry, name, all_experts, base_model, data, output_dir: Path, hyper: dict) -> None:
-    from mtg_core.train import TrainOptions, check_output_dir, prepare, train_expert
+@contextmanager
+def _stop_on_signals():
+    """First SIGINT/SIGTERM: finish the step, checkpoint, exit 130/143. A second SIGINT stops at once."""
+    from mtg_core.train import STOP
+
+    def request_stop(signum, frame):
+        if STOP.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        STOP.signum = signum
+        log.warning("%s received: stopping after this step and writing a checkpoint (Ctrl-C again to abort)",
+                    signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    STOP.signum = None
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _train(registry: Registry, name, all_experts, base_model, data, output_dir: Path, hyper: dict, resume=False, force=False) -> None:
+    from mtg_core.train import TrainOptions, check_output_dir, plan_resume, prepare, train_expert
 
     if bool(name) == bool(all_experts):
         raise ConfigError("give --expert NAME or --all (see --list for the installed experts)")
@@ -143,17 +172,19 @@ def _train(registry: Registry, name, all_experts, base_model, data, output_dir: 
     experts = [registry.expert(name)] if name else [registry.expert(e.name) for e in registry.experts()]
     if not experts:
         raise ConfigError(f"no experts installed; pip install ./mtg_expert_<name> (or check ${ALLOW_LIST_ENV})")
-    options = TrainOptions(**hyper)
+    options = TrainOptions(**{k: v for k, v in hyper.items() if v is not None})
+    runs = [prepare(registry, expert, options, data) for expert in experts]  # all data checked before weights load
     check_output_dir(output_dir)
     _setup_logging(output_dir)
-    for failure in registry.failures:
-        log.warning("plugin %s (%s) not loaded: %s", failure.plugin, failure.distribution, failure.reason)
-
-    from mtg_core.base_models import choose_base, default_base, load_base
+    from mtg_core.base_models import TINY, TINY_LR, choose_base, default_base, load_base
 
     choice = choose_base(base_model) if base_model else default_base()
     log.info("base model: %s (%s): %s", choice.name, choice.location, choice.reason)
-    runs = [prepare(registry, expert, options, data) for expert in experts]  # all data checked before weights load
+    for failure in registry.failures:
+        log.warning("plugin %s (%s) not loaded: %s", failure.plugin, failure.distribution, failure.reason)
+    if hyper["lr"] is None and choice.name == TINY:
+        options = attrs.evolve(options, lr=TINY_LR)
+    runs = [plan_resume(run, options, output_dir, choice.location, resume, force) for run in runs]
     base = load_base(choice, options.quant, log.info)
     for run in runs:
         train_expert(base, registry, run, options, output_dir)

@@ -5,6 +5,7 @@ class MtgError(Exception):
     """Base class: the CLI prints the message alone and exits with `exit_code`."""
 
     exit_code = 2
+    label = "error"
 
 
 class PluginError(MtgError):
@@ -25,3 +26,19 @@ class ConfigError(MtgError):
 
 class BaseModelError(MtgError):
     """The base model cannot be found, loaded, or quantised as asked."""
+
+
+class OutOfMemory(MtgError):
+    """The run does not fit the device's memory."""
+
+    exit_code = 3
+
+
+class TrainingInterrupted(MtgError):
+    """SIGINT or SIGTERM stopped training after a checkpoint; the exit status is 128 + the signal."""
+
+    label = "interrupted"
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum

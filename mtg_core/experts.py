@@ -113,7 +113,7 @@ class PackagedExpert:
     def mtg_format_example(self, expert: str, record: dict[str, Any]) -> FormattedExample | None:
         if expert != self.info.name:
             return None
-        template = (self.root / "template.txt").read_text(encoding="utf-8")
+        template = (self.root / "template.txt").read_text(encoding="utf-8").rstrip()
         return FormattedExample(prompt=template.format(input=record["input"].strip()), completion=record["output"].strip())
 
     @hookimpl

@@ -11,7 +11,10 @@ import json
 import logging
 import os
 import resource
+import shlex
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -20,7 +23,7 @@ from pathlib import Path
 import attrs
 
 from mtg_core.data import check_trainable, file_sha256, load_examples, tokenize
-from mtg_core.errors import ConfigError
+from mtg_core.errors import ConfigError, OutOfMemory, TrainingInterrupted
 from mtg_core.experts import FormattedExample, LoraSettings
 from mtg_core.plugins import Expert, Registry
 
@@ -40,6 +43,11 @@ class TrainOptions:
     lr: float = 2e-4
     seed: int = 42
     quant: str = "nf4"
+    save_steps: int | None = None
+
+
+KEPT_CHECKPOINTS = 3
+CHECKPOINT_DONE = "trainer_state.json"  # the Trainer writes it last: a checkpoint without it is incomplete
 
 
 @attrs.frozen
@@ -49,14 +57,78 @@ class PreparedRun:
     expert: Expert
     lora: LoraSettings
     data_path: Path
+    data_sha256: str
     examples: list[FormattedExample]
+    resume_from: Path | None = None
 
 
 def prepare(registry: Registry, expert: Expert, options: TrainOptions, data: Path | None) -> PreparedRun:
     lora = registry.lora_settings(expert)
     data_path = Path(data) if data else registry.data_files(expert).train
     examples = load_examples(data_path, lambda record: registry.format_example(expert, record), options.max_samples)
-    return PreparedRun(expert, lora, data_path, examples)
+    return PreparedRun(expert, lora, data_path, file_sha256(data_path), examples)
+
+
+def work_dir(output_dir: Path, expert: str) -> Path:
+    """Where a run trains and checkpoints; it becomes DIR/<expert>/ only when the run succeeds."""
+    return output_dir / f".{expert}.partial"
+
+
+def newest_checkpoint(work: Path) -> Path | None:
+    done = [p for p in work.glob("checkpoint-*") if (p / CHECKPOINT_DONE).is_file() and p.name.split("-")[-1].isdigit()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def run_identity(run: PreparedRun, options: TrainOptions, base_location: str) -> dict:
+    """What a checkpoint means: resuming with any of these changed would train something else."""
+    return {
+        "expert": run.expert.name,
+        "base_model": base_location,
+        "rank": run.lora.rank,
+        "alpha": run.lora.alpha,
+        "dropout": run.lora.dropout,
+        "target_modules": list(run.lora.target_modules),
+        "data_sha256": run.data_sha256,
+        "max_samples": options.max_samples,
+        "seq_len": options.seq_len,
+        "batch_size": options.batch_size,
+        "grad_accum": options.grad_accum,
+        "quant": options.quant,
+    }
+
+
+def plan_resume(run: PreparedRun, options: TrainOptions, output_dir: Path, base_location: str, resume: bool, force: bool) -> PreparedRun:
+    """Decide, before any weights load, whether this run continues a checkpoint or starts afresh."""
+    work = work_dir(output_dir, run.expert.name)
+    checkpoint = newest_checkpoint(work) if work.is_dir() else None
+    if not resume:
+        if checkpoint and not force:
+            raise ConfigError(
+                f"{work} holds an interrupted run of {run.expert.name} (step {checkpoint.name.split('-')[-1]}); "
+                "continue it with --resume, or pass --force to discard it"
+            )
+        shutil.rmtree(work, ignore_errors=True)
+        return run
+    if checkpoint is None:
+        raise ConfigError(
+            f"nothing to resume for {run.expert.name}: no complete checkpoint in {work} "
+            "(checkpoints are written every --save-steps N steps and when a run is interrupted)"
+        )
+    saved = json.loads((work / "run.json").read_text(encoding="utf-8"))
+    changed = {k: (saved.get(k), v) for k, v in run_identity(run, options, base_location).items() if saved.get(k) != v}
+    if changed and not force:
+        what = "; ".join(f"{k} was {old!r}, now {new!r}" for k, (old, new) in changed.items())
+        raise ConfigError(f"cannot resume {run.expert.name} from {checkpoint}: {what}; pass --force to resume anyway")
+    return attrs.evolve(run, resume_from=checkpoint)
+
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM; the training loop stops after the current step and checkpoints."""
+
+    signum: int | None = None
+
+
+STOP = StopRequest()
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -105,7 +177,13 @@ def _trainer_classes():
         def on_log(self, args, state, control, logs=None, **kwargs):
             pass  # LogLines already reports each step, once, in a readable form
 
-    return MemoryLoggingTrainer, LogLines, ProgressBarOnly
+    class StopOnSignal(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if STOP.signum is not None:
+                control.should_save = True
+                control.should_training_stop = True
+
+    return MemoryLoggingTrainer, [LogLines(), StopOnSignal()], ProgressBarOnly
 
 
 def _versions() -> dict[str, str]:
@@ -143,7 +221,10 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
              expert.name, run.lora.rank, run.lora.alpha, run.lora.dropout, ",".join(run.lora.target_modules), trainable, total)
 
     cuda = base.device == "cuda"
-    work = Path(tempfile.mkdtemp(prefix=f".{expert.name}.partial-", dir=output_dir))
+    work = work_dir(output_dir, expert.name)
+    work.mkdir(exist_ok=True)
+    (work / "run.json").write_text(json.dumps(run_identity(run, options, base.choice.location), indent=2), encoding="utf-8")
+    finished = False
     try:
         args = TrainingArguments(
             output_dir=str(work),
@@ -162,27 +243,46 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
             seed=options.seed,
             data_seed=options.seed,
             logging_steps=1,
-            save_strategy="no",
+            save_strategy="steps" if options.save_steps else "no",
+            save_steps=options.save_steps or 500,
+            save_total_limit=KEPT_CHECKPOINTS,
             report_to=["tensorboard"],
             dataloader_pin_memory=cuda,
         )
-        MemoryLoggingTrainer, LogLines, ProgressBarOnly = _trainer_classes()
+        MemoryLoggingTrainer, own_callbacks, ProgressBarOnly = _trainer_classes()
         trainer = MemoryLoggingTrainer(
             model=model,
             args=args,
             train_dataset=Dataset.from_list(data.rows),
             data_collator=DataCollatorForSeq2Seq(base.tokenizer, padding=True, label_pad_token_id=-100),
-            callbacks=[LogLines(), *registry.trainer_callbacks(expert)],
+            callbacks=[*own_callbacks, *registry.trainer_callbacks(expert)],
         )
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(ProgressBarOnly)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        if run.resume_from:
+            log.info("%s: resumed from step %s (%s)", expert.name, run.resume_from.name.split("-")[-1], run.resume_from)
         started = time.perf_counter()
-        result = trainer.train()
+        try:
+            result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+        except torch.OutOfMemoryError:
+            raise OutOfMemory(
+                f"out of GPU memory at step {trainer.state.global_step} ({memory_stats()}); lower --batch-size "
+                f"(now {options.batch_size}, raise --grad-accum to keep the batch) or --seq-len (now {options.seq_len})"
+            ) from None
         wall = time.perf_counter() - started
+        if STOP.signum is not None:
+            checkpoint = newest_checkpoint(work)
+            raise TrainingInterrupted(
+                STOP.signum,
+                f"stopped by {signal.Signals(STOP.signum).name} at step {trainer.state.global_step}; checkpoint in "
+                f"{checkpoint}; continue with: {' '.join(map(shlex.quote, ['mtg-train', *sys.argv[1:], *(['--resume'] if '--resume' not in sys.argv else [])]))}",
+            )
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        model.save_pretrained(work)
+        final = work / "adapter"
+        model.save_pretrained(final)
+        shutil.move(work / "runs", final / "runs")
         meta = {
             "expert": expert.name,
             "plugin": {"name": expert.plugin, "distribution": expert.distribution, "version": expert.version},
@@ -190,12 +290,13 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
             "hyperparameters": {**attrs.asdict(options), **attrs.asdict(run.lora), "target_modules": list(run.lora.target_modules)},
             "data": {
                 "path": str(run.data_path),
-                "sha256": file_sha256(run.data_path),
+                "sha256": run.data_sha256,
                 "examples": len(data.rows),
                 "truncated": data.truncated,
                 "untrained": data.untrained,
                 "answer_tokens": data.trained_tokens,
             },
+            "resumed_from_step": int(run.resume_from.name.split("-")[-1]) if run.resume_from else None,
             "steps": trainer.state.global_step,
             "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None,
@@ -211,13 +312,16 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
             "versions": _versions(),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        (work / "training_meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(work, output_dir / expert.name)
+        (final / "training_meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _replace_dir(final, output_dir / expert.name)
+        finished = True
         log.info("%s: adapter saved to %s (loss %.4f -> %.4f in %.1fs)", expert.name, output_dir / expert.name,
                  meta["first_loss"], meta["final_loss"], wall)
         return meta
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        # A run that checkpointed keeps its work folder for --resume; anything else leaves no trace.
+        if finished or newest_checkpoint(work) is None:
+            shutil.rmtree(work, ignore_errors=True)
         base.model = model.unload()  # the next expert of --all starts from the same, untouched base
 
 

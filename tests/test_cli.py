@@ -70,7 +70,7 @@ def test_out_of_range_numbers_are_refused_before_anything_loads(tmp_path):
 
 def test_config_file_supplies_options_and_the_command_line_wins(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr("mtg_core.cli._train", lambda registry, name, all_experts, base, data, out, hyper: seen.update(hyper, expert=name, out=out))
+    monkeypatch.setattr("mtg_core.cli._train", lambda registry, name, all_experts, base, data, out, hyper, *flags: seen.update(hyper, expert=name, out=out))
     config = tmp_path / "run.toml"
     config.write_text('expert = "teach"\nseq-len = 256\nlr = 0.001\nmax_steps = 7\n')
     assert run("--config", str(config), "--lr", "0.01").exit_code == 0
@@ -85,5 +85,5 @@ def test_config_file_supplies_options_and_the_command_line_wins(tmp_path, monkey
 def test_unwritable_output_dir_is_refused_before_the_model_loads(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    result = run("--expert", "teach", "--output-dir", str(blocker / "adapters"))
+    result = run("--expert", "explain", "--output-dir", str(blocker / "adapters"))
     assert result.exit_code == 2 and "cannot write there" in result.output

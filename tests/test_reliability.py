@@ -1,0 +1,123 @@
+"""Interruption and resume: signals checkpoint and exit 130/143, SIGKILL loses nothing, resumed == uninterrupted."""
+
+import json
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from conftest import MTG_TRAIN, cli_env, write_jsonl
+from mtg_core import hookimpl
+from mtg_core.cli import train_command
+from mtg_core.plugins import Registry
+from mtg_core.train import STOP
+
+SMALL = ["--expert", "explain", "--max-samples", "16", "--batch-size", "2", "--grad-accum", "2", "--seq-len", "192", "--max-steps", "6"]
+
+
+def train(*args):
+    return CliRunner().invoke(train_command, list(args))
+
+
+def with_plugin(monkeypatch, plugin):
+    discover = Registry.discover.__func__
+
+    def patched(cls):
+        registry = discover(cls)
+        registry.register(plugin, "test-plugin")
+        return registry
+
+    monkeypatch.setattr(Registry, "discover", classmethod(patched))
+
+
+class SignalAt:
+    """Acts as if SIGINT arrived during step `step` (the CLI's handler sets STOP.signum the same way)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    @hookimpl
+    def mtg_trainer_callbacks(self, expert):
+        step = self.step
+
+        class Fire(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step + 1 == step:
+                    STOP.signum = signal.SIGINT
+
+        return [Fire()]
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_adapter(tmp_path, monkeypatch):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert train(*SMALL, "--output-dir", str(straight)).exit_code == 0
+    with monkeypatch.context() as patch:
+        with_plugin(patch, SignalAt(3))
+        stopped = train(*SMALL, "--output-dir", str(interrupted))
+    assert stopped.exit_code == 130, stopped.output
+    assert "interrupted: stopped by SIGINT at step 3" in stopped.output and "--resume" in stopped.output
+    assert not (interrupted / "explain").exists()
+    assert (interrupted / ".explain.partial" / "checkpoint-3" / "trainer_state.json").is_file()
+    resumed = train(*SMALL, "--output-dir", str(interrupted), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed from step 3" in (interrupted / "training_log.txt").read_text()
+    a = load_file(straight / "explain" / "adapter_model.safetensors")
+    b = load_file(interrupted / "explain" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert json.loads((interrupted / "explain" / "training_meta.json").read_text())["resumed_from_step"] == 3
+    assert not (interrupted / ".explain.partial").exists()
+
+
+def test_sigterm_checkpoints_and_sigkill_loses_nothing(tmp_path):
+    out = tmp_path / "adapters"
+    args = [*SMALL[:-1], "200", "--output-dir", str(out), "--save-steps", "1"]
+    assert train(*SMALL, "--output-dir", str(out)).exit_code == 0
+    before = {p.relative_to(out): p.read_bytes() for p in (out / "explain").rglob("*") if p.is_file()}
+
+    def run_until_step(step, sig, *extra):
+        process = subprocess.Popen([*MTG_TRAIN, *args, *extra], env=cli_env(), stderr=subprocess.PIPE, text=True)
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if f"step {step}/" in line:
+                process.send_signal(sig)
+                break
+        lines.append(process.communicate(timeout=120)[1])
+        return process.returncode, "".join(lines)
+
+    code, stderr = run_until_step(2, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    after = {p.relative_to(out): p.read_bytes() for p in (out / "explain").rglob("*") if p.is_file()}
+    assert after == before
+    code, stderr = run_until_step(1, signal.SIGTERM)  # an interrupted run is never silently discarded
+    assert code == 2 and "holds an interrupted run of explain" in stderr and "--resume" in stderr
+    code, stderr = run_until_step(5, signal.SIGTERM, "--resume")
+    assert code == 143, stderr
+    assert re.search(r"resumed from step [12] ", stderr)
+    stopped = re.search(r"interrupted: stopped by SIGTERM at step (\d+); checkpoint in \S+checkpoint-(\d+); continue with: mtg-train", stderr)
+    assert stopped and stopped[1] == stopped[2] and int(stopped[1]) >= 5 and "Traceback" not in stderr
+    assert (out / ".explain.partial" / f"checkpoint-{stopped[1]}" / "trainer_state.json").is_file()
+    assert (out / "explain").is_dir() and {p.relative_to(out): p.read_bytes() for p in (out / "explain").rglob("*") if p.is_file()} == before
+
+
+def test_resume_refuses_when_there_is_nothing_or_the_meaning_changed(tmp_path, monkeypatch):
+    result = train(*SMALL, "--output-dir", str(tmp_path), "--resume")
+    assert result.exit_code == 2 and "nothing to resume for explain" in result.output
+    with monkeypatch.context() as patch:
+        with_plugin(patch, SignalAt(2))
+        assert train(*SMALL, "--output-dir", str(tmp_path)).exit_code == 130
+    other = write_jsonl(tmp_path / "other.jsonl", [{"input": f"q{i}", "output": f"a{i}"} for i in range(16)])
+    changed = train(*SMALL, "--output-dir", str(tmp_path), "--resume", "--data", str(other), "--seq-len", "128")
+    assert changed.exit_code == 2
+    assert "cannot resume explain" in changed.output and "data_sha256 was" in changed.output and "seq_len was 192, now 128" in changed.output
+    fresh = train(*SMALL, "--output-dir", str(tmp_path))
+    assert fresh.exit_code == 2 and "--force" in fresh.output
+    forced = train(*SMALL, "--output-dir", str(tmp_path), "--resume", "--force", "--data", str(other))
+    assert forced.exit_code == 0, forced.output
+    assert "resumed from step 2" in (tmp_path / "training_log.txt").read_text()
