@@ -83,8 +83,7 @@ def default_base() -> BaseChoice:
 def choose_base(name: str, reason: str = "chosen with --base-model") -> BaseChoice:
     """Resolve a preset, a local folder or a hub id, checking a local folder has what loading needs."""
     if name in PRESETS:
-        location = str(ensure_tiny_mixtral()) if name == TINY else PRESETS[name]
-        return BaseChoice(name, location, f"{reason} (preset)")
+        return BaseChoice(name, PRESETS[name] or str(cache_dir() / f"{TINY}-v{TINY_VERSION}"), f"{reason} (preset)")
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):  # hub ids look like "org/name"
         if not path.is_dir():
@@ -95,6 +94,37 @@ def choose_base(name: str, reason: str = "chosen with --base-model") -> BaseChoi
             raise BaseModelError(f"--base-model {name}: no tokenizer (tokenizer.json or tokenizer.model) in {path}; copy the tokenizer files of the model into it")
         return BaseChoice(name, str(path.resolve()), f"{reason} (local folder)")
     return BaseChoice(name, name, f"{reason} (hub id)")
+
+
+def base_config(choice: BaseChoice):
+    """The transformers config of a base, without its weights: shipped for the presets, so offline."""
+    from transformers import AutoConfig, AutoTokenizer, MixtralConfig
+
+    if choice.name == TINY:
+        tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+        return MixtralConfig(vocab_size=len(tokenizer), **TINY_CONFIG)
+    if choice.name in PRESETS:
+        return MixtralConfig.from_json_file(ASSETS / "configs" / "mixtral-8x7b.json")
+    try:
+        return AutoConfig.from_pretrained(choice.location, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"cannot read the config of {choice.name!r}: {str(exc).splitlines()[0]}") from None
+
+
+def device_and_dtype():
+    """("cuda" or "cpu", compute dtype): bf16 where the GPU supports it, fp32 on the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return "cpu", torch.float32
+
+
+def free_memory(device: str) -> int:
+    import psutil
+    import torch
+
+    return torch.cuda.mem_get_info()[0] if device == "cuda" else psutil.virtual_memory().available
 
 
 def ensure_tiny_mixtral() -> Path:
@@ -154,9 +184,10 @@ def load_base(choice: BaseChoice, quant: str, log: Callable[[str], None] = print
 
     from mtg_core.moe import MtgMixtralForCausalLM
 
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    device, dtype = device_and_dtype()
+    cuda = device == "cuda"
+    if choice.name == TINY:
+        ensure_tiny_mixtral()
     try:
         config = AutoConfig.from_pretrained(choice.location, trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(choice.location, trust_remote_code=False)

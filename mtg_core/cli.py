@@ -103,7 +103,8 @@ def _setup_logging(output_dir: Path) -> None:
 @click.option("--expert", "-e", metavar="NAME", help="Expert to train (any case): see --list.")
 @click.option("--all", "all_experts", is_flag=True, help="Train every installed expert in turn on one loaded base.")
 @click.option("--list", "list_experts", is_flag=True, help="List installed experts and exit.")
-@click.option("--json", "as_json", is_flag=True, help="With --list: print JSON.")
+@click.option("--plan", "plan_only", is_flag=True, help="Print the memory the run needs (no weights load) and exit; non-zero if it does not fit.")
+@click.option("--json", "as_json", is_flag=True, help="With --list or --plan: print JSON.")
 @click.option("--base-model", metavar="NAME", help="Preset (tiny-mixtral, mixtral-8x7b, mixtral-8x7b-instruct), folder or hub id. "
               "Default: mixtral-8x7b with a CUDA GPU, tiny-mixtral otherwise.")
 @click.option("--data", type=click.Path(), help="JSONL file to train on instead of the expert's bundled data.")
@@ -124,13 +125,16 @@ def _setup_logging(output_dir: Path) -> None:
 @click.option("--resume", is_flag=True, help="Continue the newest complete checkpoint of an interrupted run.")
 @click.option("--force", is_flag=True, help="With --resume: resume although settings changed; without: discard an interrupted run.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def train_command(expert, all_experts, list_experts, as_json, base_model, data, output_dir, resume, force, debug, **hyper):
+def train_command(expert, all_experts, list_experts, plan_only, as_json, base_model, data, output_dir, resume, force, debug, **hyper):
     """Train MTG reasoning-mode LoRA experts (QLoRA on Mixtral, or the embedded tiny Mixtral on a CPU)."""
     try:
         registry = Registry.discover()
         if list_experts:
             rows = _expert_rows(registry)
             click.echo(json.dumps(rows, indent=2)) if as_json else _print_table(rows)
+            return
+        if plan_only:
+            _plan(registry, expert, all_experts, base_model, hyper, as_json)
             return
         with _stop_on_signals():
             _train(registry, expert, all_experts, base_model, data, Path(output_dir), hyper, resume, force)
@@ -162,16 +166,45 @@ def _stop_on_signals():
             signal.signal(sig, handler)
 
 
-def _train(registry: Registry, name, all_experts, base_model, data, output_dir: Path, hyper: dict, resume=False, force=False) -> None:
-    from mtg_core.train import TrainOptions, check_output_dir, plan_resume, prepare, train_expert
-
+def _selected(registry: Registry, name, all_experts) -> list:
     if bool(name) == bool(all_experts):
         raise ConfigError("give --expert NAME or --all (see --list for the installed experts)")
-    if all_experts and data:
-        raise ConfigError("--data applies to one expert: use it with --expert, not --all")
     experts = [registry.expert(name)] if name else [registry.expert(e.name) for e in registry.experts()]
     if not experts:
         raise ConfigError(f"no experts installed; pip install ./mtg_expert_<name> (or check ${ALLOW_LIST_ENV})")
+    return experts
+
+
+def _plan(registry: Registry, name, all_experts, base_model, hyper: dict, as_json: bool) -> None:
+    from mtg_core.base_models import choose_base, default_base
+    from mtg_core.train import TrainOptions, memory_plan
+
+    experts = _selected(registry, name, all_experts)
+    options = TrainOptions(**{k: v for k, v in hyper.items() if v is not None})
+    choice = choose_base(base_model) if base_model else default_base()
+    plans = []
+    for expert in experts:
+        plan, advice = memory_plan(choice, registry.lora_settings(expert), options)
+        plans.append({"expert": expert.name, "base_model": choice.name, **plan.as_dict(), "advice": advice})
+        if not as_json:
+            from mtg_core.plan import describe
+
+            click.echo(f"{expert.name} on {choice.name}, batch {options.batch_size} x seq {options.seq_len}, quant {options.quant}:")
+            click.echo("\n".join(describe(plan)))
+            if not plan.fits:
+                click.echo(f"  to fit: {advice}" if advice else "  no batch size or sequence length makes it fit this device")
+    if as_json:
+        click.echo(json.dumps(plans if all_experts else plans[0], indent=2))
+    if not all(p["fits"] for p in plans):
+        sys.exit(1)
+
+
+def _train(registry: Registry, name, all_experts, base_model, data, output_dir: Path, hyper: dict, resume=False, force=False) -> None:
+    from mtg_core.train import TrainOptions, check_output_dir, plan_resume, prepare, train_expert
+
+    experts = _selected(registry, name, all_experts)
+    if all_experts and data:
+        raise ConfigError("--data applies to one expert: use it with --expert, not --all")
     options = TrainOptions(**{k: v for k, v in hyper.items() if v is not None})
     runs = [prepare(registry, expert, options, data) for expert in experts]  # all data checked before weights load
     check_output_dir(output_dir)

@@ -131,6 +131,24 @@ class StopRequest:
 STOP = StopRequest()
 
 
+def memory_plan(choice, lora: LoraSettings, options: TrainOptions):
+    """The run's memory plan on this machine, and settings that would fit when it does not."""
+    from mtg_core.base_models import base_config, device_and_dtype, free_memory
+    from mtg_core.plan import plan_memory, settings_that_fit
+
+    config = base_config(choice)
+    device, dtype = device_and_dtype()
+    free = free_memory(device)
+
+    def plan_for(batch_size: int, seq_len: int):
+        return plan_memory(config, lora.target_modules, lora.rank, options.quant, batch_size, seq_len,
+                           dtype.itemsize, device, free)
+
+    plan = plan_for(options.batch_size, options.seq_len)
+    advice = None if plan.fits else settings_that_fit(plan_for, options.batch_size, options.grad_accum, options.seq_len)
+    return plan, advice
+
+
 def check_output_dir(output_dir: Path) -> None:
     """Fail before loading weights when the adapters folder cannot be written."""
     try:
@@ -220,6 +238,10 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
     log.info("%s: LoRA rank %d alpha %g dropout %g on %s: %d trainable of %d parameters",
              expert.name, run.lora.rank, run.lora.alpha, run.lora.dropout, ",".join(run.lora.target_modules), trainable, total)
 
+    plan, _ = memory_plan(base.choice, run.lora, options)
+    log.info("%s: memory plan %.3f GiB (weights %.3f, activations %.3f) of %.3f GiB free on %s",
+             expert.name, plan.total_bytes / 1024**3, plan.weights_bytes / 1024**3, plan.activation_bytes / 1024**3,
+             plan.device_free_bytes / 1024**3, plan.device)
     cuda = base.device == "cuda"
     work = work_dir(output_dir, expert.name)
     work.mkdir(exist_ok=True)
@@ -268,7 +290,8 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
             result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
         except torch.OutOfMemoryError:
             raise OutOfMemory(
-                f"out of GPU memory at step {trainer.state.global_step} ({memory_stats()}); lower --batch-size "
+                f"out of GPU memory at step {trainer.state.global_step} (planned {plan.total_bytes / 1024**3:.2f} GiB of "
+                f"{plan.device_free_bytes / 1024**3:.2f} GiB free; {memory_stats()}); see mtg-train --plan; lower --batch-size "
                 f"(now {options.batch_size}, raise --grad-accum to keep the batch) or --seq-len (now {options.seq_len})"
             ) from None
         wall = time.perf_counter() - started
@@ -306,6 +329,7 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
                 "rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 4),
                 **({"cuda_peak_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 4)} if cuda else {}),
             },
+            "memory_plan": plan.as_dict(),
             "quantization": attrs.asdict(base.quantization, filter=lambda a, v: a.name != "first_unquantized"),
             "device": base.device,
             "compute_dtype": base.compute_dtype,
@@ -315,6 +339,9 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
         (final / "training_meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         _replace_dir(final, output_dir / expert.name)
         finished = True
+        if cuda:
+            log.info("%s: peak CUDA memory %.3f GiB, planned %.3f GiB", expert.name,
+                     meta["peak_memory"]["cuda_peak_gib"], (plan.total_bytes - plan.overhead_bytes) / 1024**3)
         log.info("%s: adapter saved to %s (loss %.4f -> %.4f in %.1fs)", expert.name, output_dir / expert.name,
                  meta["first_loss"], meta["final_loss"], wall)
         return meta

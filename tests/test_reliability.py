@@ -121,3 +121,17 @@ def test_resume_refuses_when_there_is_nothing_or_the_meaning_changed(tmp_path, m
     forced = train(*SMALL, "--output-dir", str(tmp_path), "--resume", "--force", "--data", str(other))
     assert forced.exit_code == 0, forced.output
     assert "resumed from step 2" in (tmp_path / "training_log.txt").read_text()
+
+
+def test_out_of_memory_is_one_message_with_the_settings_to_change(tmp_path, monkeypatch):
+    import torch
+    from transformers import Trainer
+
+    def oom(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train", oom)
+    result = train(*SMALL, "--output-dir", str(tmp_path))
+    assert result.exit_code == 3 and "Traceback" not in result.output
+    assert "out of GPU memory at step 0" in result.output and "lower --batch-size (now 2" in result.output and "--seq-len (now 192)" in result.output
+    assert not any(tmp_path.glob(".explain*"))

@@ -1,0 +1,148 @@
+"""The memory plan: what a run will need, computed from the config alone (a model on the meta device).
+
+Each term follows what the libraries actually allocate, so it can be checked against a real run:
+bitsandbytes NF4 with double quantisation, peft LoRA kept in fp32, bitsandbytes' 8-bit AdamW (32-bit
+state for tensors under 4096 elements), non-reentrant gradient checkpointing (one saved hidden state
+per layer, one layer recomputed at a time), and transformers' fp32 upcast of the logits for the loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+
+GIB = 1024**3
+NF4_BLOCK = 64  # bitsandbytes 4-bit block size: one absmax per 64 weights
+NESTED_BLOCK = 256  # double quantisation: absmax values quantised to 8-bit in blocks of 256
+OPTIM_8BIT_MIN = 4096  # bitsandbytes keeps 32-bit Adam state for smaller tensors
+OPTIM_8BIT_BLOCK = 256
+CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # CUDA context and cuBLAS workspaces, measured order of magnitude
+
+
+@attrs.frozen
+class MemoryPlan:
+    weights_4bit_bytes: int
+    weights_other_bytes: int
+    lora_params: int
+    lora_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    logits_bytes: int
+    overhead_bytes: int
+    device_free_bytes: int
+    device: str
+
+    @property
+    def weights_bytes(self) -> int:
+        return self.weights_4bit_bytes + self.weights_other_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.weights_bytes + self.lora_bytes + self.gradient_bytes + self.optimizer_bytes
+                + self.activation_bytes + self.logits_bytes + self.overhead_bytes)
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.device_free_bytes
+
+    def as_dict(self) -> dict:
+        return {**attrs.asdict(self), "weights_bytes": self.weights_bytes, "total_bytes": self.total_bytes, "fits": self.fits}
+
+
+def nf4_bytes(numel: int) -> int:
+    """Packed 4-bit weights plus double-quantised constants, as bitsandbytes stores them."""
+    blocks = math.ceil(numel / NF4_BLOCK)
+    return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 * 256 + 4 * 16
+
+
+def plan_memory(model_config, target_modules, rank: int, quant: str, batch_size: int, seq_len: int,
+                compute_bytes: int, device: str, device_free_bytes: int) -> MemoryPlan:
+    """Plan one run; `model_config` is a transformers config (nothing is allocated)."""
+    import torch
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    from mtg_core.base_models import QUANTIZED_PARTS
+    from mtg_core.moe import MtgMixtralForCausalLM
+
+    with torch.device("meta"):
+        if model_config.model_type in ("mixtral", "mtg_mixtral"):
+            model = MtgMixtralForCausalLM(model_config)
+        else:
+            model = AutoModelForCausalLM.from_config(model_config)
+    quantized, other, lora_tensors = 0, 0, []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            in_features, out_features = module.in_features, module.out_features
+            if quant == "nf4" and any(part in f".{name}." for part in QUANTIZED_PARTS):
+                quantized += nf4_bytes(module.weight.numel())
+            if name.rsplit(".", 1)[-1] in target_modules:
+                lora_tensors += [rank * in_features, rank * out_features]
+    for name, param in model.named_parameters():
+        counted_as_4bit = quant == "nf4" and any(part in f".{name}" for part in QUANTIZED_PARTS) and param.dim() == 2
+        if not counted_as_4bit:
+            other += param.numel() * compute_bytes
+    lora_params = sum(lora_tensors)
+    optimizer = sum(2 * n + 2 * 4 * math.ceil(n / OPTIM_8BIT_BLOCK) if n >= OPTIM_8BIT_MIN else 8 * n for n in lora_tensors)
+
+    c = model.config
+    tokens = batch_size * seq_len
+    hidden, inter, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    kv = c.num_key_value_heads * (getattr(c, "head_dim", None) or hidden // c.num_attention_heads)
+    top_k = getattr(c, "num_experts_per_tok", 1)
+    experts = getattr(c, "num_local_experts", 1)
+    # Checkpointing keeps each layer's input; backward recomputes one layer at a time, holding its
+    # attention tensors (norm, q, k, v, output, LoRA dropout copies), router logits in fp32, and for each
+    # routed token the expert's w1/w3 outputs, activation, product, w2 output and dropout copies.
+    saved = layers * tokens * hidden * compute_bytes
+    attention = tokens * (6 * hidden + 2 * kv + 3 * hidden) * compute_bytes
+    moe = tokens * top_k * (2 * hidden + 5 * inter + hidden) * compute_bytes + tokens * experts * 4
+    dequantized = 3 * hidden * inter * compute_bytes if quant == "nf4" else 0
+    activation = saved + 2 * (attention + moe) + dequantized  # forward recompute + its gradients
+    logits = tokens * c.vocab_size * (compute_bytes + 4 + 4)  # logits, fp32 upcast, fp32 gradient
+    return MemoryPlan(
+        weights_4bit_bytes=quantized,
+        weights_other_bytes=other,
+        lora_params=lora_params,
+        lora_bytes=4 * lora_params,
+        gradient_bytes=4 * lora_params,
+        optimizer_bytes=optimizer,
+        activation_bytes=activation,
+        logits_bytes=logits,
+        overhead_bytes=CUDA_CONTEXT_BYTES if device == "cuda" else 0,
+        device_free_bytes=device_free_bytes,
+        device=device,
+    )
+
+
+def settings_that_fit(plan_for, batch_size: int, grad_accum: int, seq_len: int) -> str | None:
+    """The first of: smaller batches (same global batch via --grad-accum), then shorter sequences."""
+    batch, accum, length = batch_size, grad_accum, seq_len
+    while True:
+        if batch > 1:
+            batch, accum = batch // 2, accum * 2
+        elif length > 128:
+            length //= 2
+        else:
+            return None
+        if plan_for(batch, length).fits:
+            return f"--batch-size {batch} --grad-accum {accum} --seq-len {length}"
+
+
+def describe(plan: MemoryPlan) -> list[str]:
+    rows = [
+        ("weights, 4-bit NF4 incl. constants", plan.weights_4bit_bytes),
+        ("weights, other (router, norms, embeddings, lm_head)", plan.weights_other_bytes),
+        (f"LoRA parameters ({plan.lora_params:,}, fp32)", plan.lora_bytes),
+        ("LoRA gradients (fp32)", plan.gradient_bytes),
+        ("optimizer state (8-bit AdamW)", plan.optimizer_bytes),
+        ("activations (gradient checkpointing)", plan.activation_bytes),
+        ("logits and their gradient", plan.logits_bytes),
+        ("CUDA context", plan.overhead_bytes),
+    ]
+    lines = [f"  {label:<52} {value / GIB:9.3f} GiB" for label, value in rows]
+    lines.append(f"  {'total':<52} {plan.total_bytes / GIB:9.3f} GiB")
+    lines.append(f"  {'free on ' + plan.device:<52} {plan.device_free_bytes / GIB:9.3f} GiB  -> {'fits' if plan.fits else 'does NOT fit'}")
+    return lines

@@ -1,0 +1,82 @@
+"""The memory plan: computed offline from the config, consistent with what a real tiny load allocates."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import MTG_TRAIN, cli_env
+from mtg_core.base_models import TINY, base_config, choose_base, load_base
+from mtg_core.cli import train_command
+from mtg_core.plan import GIB, plan_memory
+from mtg_core.plugins import Registry
+
+KEYS = {"weights_bytes", "lora_params", "optimizer_bytes", "activation_bytes", "total_bytes", "device_free_bytes", "fits"}
+
+
+def tiny_plan(batch=4, seq=512, rank=16, quant="nf4"):
+    lora = Registry.discover().lora_settings(Registry.discover().expert("explain"))
+    return plan_memory(base_config(choose_base(TINY)), lora.target_modules, rank, quant, batch, seq, 4, "cpu", 10 * GIB)
+
+
+def stored_bytes(model) -> int:
+    total = 0
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            total += param.numel() * param.element_size()
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            tensors = [state.absmax, state.code, state.state2.absmax, state.state2.code]
+            total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
+
+
+def test_planned_weights_and_lora_match_a_real_load():
+    from peft import LoraConfig, get_peft_model
+
+    plan = tiny_plan()
+    base = load_base(choose_base(TINY), "nf4", log=lambda _: None)
+    measured = stored_bytes(base.model)
+    assert abs(plan.weights_bytes - measured) / measured < 0.01, (plan.weights_bytes, measured)
+    lora = Registry.discover().lora_settings(Registry.discover().expert("explain"))
+    peft_model = get_peft_model(base.model, LoraConfig(r=16, lora_alpha=32, target_modules=list(lora.target_modules)))
+    assert plan.lora_params == peft_model.get_nb_trainable_parameters()[0]
+    assert plan.lora_bytes == plan.gradient_bytes == 4 * plan.lora_params
+
+
+def test_activations_grow_with_tokens_and_nf4_shrinks_weights():
+    small, long, wide = tiny_plan(seq=256), tiny_plan(seq=512), tiny_plan(batch=8, seq=256)
+    assert long.activation_bytes > 1.9 * small.activation_bytes - 3 * 256 * 128 * 4
+    assert long.logits_bytes == 2 * small.logits_bytes == wide.logits_bytes
+    assert tiny_plan(quant="none").weights_bytes > 4 * tiny_plan().weights_4bit_bytes
+
+
+def test_mixtral_preset_plan_works_offline_with_the_real_sizes():
+    config = base_config(choose_base("mixtral-8x7b"))
+    plan = plan_memory(config, ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"), 16, "nf4", 1, 2048, 2, "cuda", 80 * GIB)
+    assert 22.0 < plan.weights_4bit_bytes / GIB < 23.0  # 46.4B 4-bit-able weights, NF4 with double-quantised constants
+    assert plan.lora_params == 32 * (4 * 16 * (4096 + 4096) - 2 * 16 * (4096 - 1024) + 8 * 3 * 16 * (4096 + 14336))
+    assert plan.fits and plan.overhead_bytes > 0
+
+
+def test_plan_json_needs_no_weights_and_refuses_what_does_not_fit(tmp_path):
+    env = cli_env(MTG_CACHE_DIR=str(tmp_path / "cache"))
+    ok = subprocess.run([*MTG_TRAIN, "--expert", "explain", "--plan", "--json"], env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    plan = json.loads(ok.stdout)
+    assert KEYS <= set(plan) and plan["fits"] and plan["total_bytes"] < plan["device_free_bytes"]
+    assert not (tmp_path / "cache").exists()  # the tiny model was not even built
+    too_big = subprocess.run([*MTG_TRAIN, "--expert", "explain", "--plan", "--batch-size", "1024", "--seq-len", "32768"],
+                             env=env, capture_output=True, text=True)
+    assert too_big.returncode == 1 and "does NOT fit" in too_big.stdout
+    assert "to fit: --batch-size" in too_big.stdout
+
+
+def test_training_records_the_plan_next_to_the_measured_peak(tmp_path):
+    result = CliRunner().invoke(train_command, ["--expert", "teach", "--max-steps", "1", "--max-samples", "4", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "teach" / "training_meta.json").read_text())
+    assert KEYS <= set(meta["memory_plan"]) and meta["memory_plan"]["lora_params"] > 0
+    assert "memory plan" in (tmp_path / "training_log.txt").read_text()
