@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -34,7 +36,6 @@ TINY_CONFIG = dict(
 )
 TINY_SEED = 1234
 TINY_LR = 2e-3  # default learning rate on the tiny base: its random weights need bigger LoRA steps than Mixtral
-TINY_VERSION = 1  # bump when TINY_CONFIG, TINY_SEED or the tokenizer change
 # Weight matrices that must be 4-bit under --quant nf4; router, norms, embeddings and lm_head may stay bf16.
 QUANTIZED_PARTS = (".self_attn.", ".experts.")
 
@@ -72,6 +73,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MTG_CACHE_DIR") or Path.home() / ".cache" / "mtg_core")
 
 
+def tiny_dir() -> Path:
+    """The tiny model's folder, named by what determines its weights, so a changed recipe rebuilds."""
+    recipe = json.dumps([TINY_CONFIG, TINY_SEED], sort_keys=True).encode() + (TOKENIZER_DIR / "tokenizer.json").read_bytes()
+    return cache_dir() / f"{TINY}-{hashlib.sha256(recipe).hexdigest()[:12]}"
+
+
 def default_base() -> BaseChoice:
     import torch
 
@@ -83,7 +90,7 @@ def default_base() -> BaseChoice:
 def choose_base(name: str, reason: str = "chosen with --base-model") -> BaseChoice:
     """Resolve a preset, a local folder or a hub id, checking a local folder has what loading needs."""
     if name in PRESETS:
-        return BaseChoice(name, PRESETS[name] or str(cache_dir() / f"{TINY}-v{TINY_VERSION}"), f"{reason} (preset)")
+        return BaseChoice(name, PRESETS[name] or str(tiny_dir()), f"{reason} (preset)")
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):  # hub ids look like "org/name"
         if not path.is_dir():
@@ -129,7 +136,7 @@ def free_memory(device: str) -> int:
 
 def ensure_tiny_mixtral() -> Path:
     """Build the embedded tiny Mixtral once (fixed seed, shipped tokenizer) and return its folder."""
-    target = cache_dir() / f"{TINY}-v{TINY_VERSION}"
+    target = tiny_dir()
     if (target / "model.safetensors").is_file():
         return target
     import torch
