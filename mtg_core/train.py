@@ -304,6 +304,10 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
             )
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         final = work / "adapter"
+        # Dropout only acts while training (training_meta.json keeps the value used). Saved as 0 because
+        # peft maps per-expert LoRA onto transformers 5's fused experts with ParamWrapper, which refuses
+        # dropout != 0: with it, the adapter would not load with plain peft on the stock Mixtral.
+        model.peft_config["default"].lora_dropout = 0.0
         model.save_pretrained(final)
         shutil.move(work / "runs", final / "runs")
         meta = {

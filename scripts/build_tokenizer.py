@@ -1,7 +1,7 @@
 """Train the tiny-mixtral tokenizer on the bundled corpus and write it to mtg_core/assets/tokenizer.
 
 Run from the repository root: `python scripts/build_tokenizer.py`. The result is committed, so no run
-of mtg-train needs this script or a network; rerun it (and bump TINY_VERSION) when the corpus changes.
+of mtg-train needs this script or a network; rerun it when the corpus changes (the tiny model cache is keyed by the tokenizer, so it rebuilds).
 """
 
 import json

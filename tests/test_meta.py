@@ -6,7 +6,7 @@ from pathlib import Path
 from mtg_core import hookspecs
 
 SPECS = [name for name, fn in vars(hookspecs).items() if name.startswith("mtg_") and inspect.isfunction(fn)]
-TESTS = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py") if p.name != "test_meta.py")
+TESTS = "".join(p.read_text() for p in Path(__file__).parent.glob("*.py") if p.name != "test_meta.py")
 GUIDE = (Path(__file__).resolve().parent.parent / "docs" / "third-party-experts.md").read_text()
 
 

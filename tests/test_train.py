@@ -39,7 +39,7 @@ def test_training_lowers_the_loss_and_writes_every_output(explain_run):
     adapter = out / "explain"
     assert {"adapter_model.safetensors", "adapter_config.json", "training_meta.json", "runs"} <= {p.name for p in adapter.iterdir()}
     meta = json.loads((adapter / "training_meta.json").read_text())
-    assert meta["steps"] == 12 and meta["final_loss"] < meta["first_loss"] - 0.3
+    assert meta["steps"] == 12 and meta["final_loss"] < meta["first_loss"] - 0.1
     assert meta["quantization"] == {"method": "nf4", "quantized_weights": 56, "total_weights": 56}
     assert meta["plugin"] == {"name": "explain", "distribution": "mtg-expert-explain", "version": "0.1.0"}
     assert meta["hyperparameters"]["rank"] == 16 and meta["hyperparameters"]["lr"] == 3e-3
@@ -108,14 +108,14 @@ def test_all_trains_every_expert_on_one_base_load(tmp_path, monkeypatch):
         return original(cls, *args, **kwargs)
 
     monkeypatch.setattr(MtgMixtralForCausalLM, "from_pretrained", classmethod(counting))
-    result = train("--all", "--output-dir", str(tmp_path), "--max-steps", "1", "--max-samples", "4", "--seq-len", "128")
+    result = train("--all", "--output-dir", str(tmp_path), "--max-steps", "1", "--max-samples", "4", "--seq-len", "384")
     assert result.exit_code == 0, result.output
     assert len(loads) == 1
     for name in EXPERTS:
         meta = json.loads((tmp_path / name / "training_meta.json").read_text())
         assert meta["expert"] == name and meta["hyperparameters"]["rank"] in (8, 16)
         config = json.loads((tmp_path / name / "adapter_config.json").read_text())
-        assert config["r"] == meta["hyperparameters"]["rank"]
+        assert config["r"] == meta["hyperparameters"]["rank"] and config["lora_dropout"] == 0.0
 
 
 def test_a_failed_run_leaves_the_existing_adapter_byte_identical(explain_run, monkeypatch):
