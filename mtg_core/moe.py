@@ -31,13 +31,88 @@ class ExpertMLP(nn.Module):
         return self.w2(self.act_fn(self.w1(x)) * self.w3(x))
 
 
+def grouped_mm(x: torch.Tensor, weight_t: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows of `x` sorted by expert (expert e owns rows ends[e-1]:ends[e]) times that expert's [in, out] matrix."""
+    if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        return torch._grouped_mm(x, weight_t, offs=ends)
+    out = x.new_empty(x.shape[0], weight_t.shape[-1])  # the same maths, one matmul per expert (CPU, fp32)
+    start = 0
+    for expert, end in enumerate(ends.tolist()):
+        out[start:end] = x[start:end] @ weight_t[expert]
+        start = end
+    return out
+
+
+def frozen_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The [out, in] weight of a frozen nn.Linear, dequantised when it is a bitsandbytes 4-bit layer."""
+    weight = linear.weight
+    if type(weight).__name__ == "Params4bit":
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+    return weight.to(dtype)
+
+
+class FrozenGroupedLinear(torch.autograd.Function):
+    """x @ W_e.T for every expert at once, with the frozen W_e of each expert stacked [E, out, in].
+
+    The bf16 (dequantised) weights are saved for backward instead of the inputs, which frozen weights
+    do not need. Under non-reentrant gradient checkpointing the first forward's saved tensors are
+    dropped and rebuilt by the recompute, so each expert weight is dequantised exactly twice per step
+    (forward, recompute) and only the layer in backward holds its dequantised experts.
+    """
+
+    @staticmethod
+    def forward(ctx, x, ends, layers):
+        weight = torch.stack([torch.cat([frozen_weight(l, x.dtype) for l in group]) for group in layers])
+        ctx.save_for_backward(weight, ends)
+        return grouped_mm(x, weight.transpose(1, 2), ends)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, ends = ctx.saved_tensors
+        # contiguous(): torch._grouped_mm rejects the stride-0 gradients that e.g. y.sum() produces
+        return grouped_mm(grad_out.contiguous(), weight, ends), None, None
+
+
+def _lora_delta(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """peft's vanilla LoRA term for `layer` (what peft's Linear4bit.forward adds to the base output)."""
+    if not hasattr(layer, "lora_A") or layer.disable_adapters:
+        return None
+    delta = None
+    for name in layer.active_adapters:
+        if name in layer.lora_A:
+            a, b = layer.lora_A[name], layer.lora_B[name]
+            term = b(a(layer.lora_dropout[name](x.to(a.weight.dtype)))) * layer.scaling[name]
+            delta = term if delta is None else delta + term
+    return delta
+
+
+def _groupable(layer: nn.Module) -> bool:
+    """A frozen Linear, bare or under peft's vanilla, unmerged LoRA; anything else takes the loop."""
+    if hasattr(layer, "base_layer"):
+        if layer.merged or getattr(layer, "lora_variant", None) or not isinstance(layer.base_layer, nn.Linear):
+            return False
+        layer = layer.base_layer
+    return isinstance(layer, nn.Linear) and layer.bias is None and not layer.weight.requires_grad
+
+
 class LinearExperts(nn.ModuleList):
-    """Drop-in for transformers' `MixtralExperts`: same call signature, per-expert Linear layers."""
+    """Drop-in for transformers' `MixtralExperts`: same call signature, per-expert Linear layers.
+
+    Training takes the grouped path: tokens sorted by expert, each frozen matrix applied to all
+    experts in one grouped GEMM (FrozenGroupedLinear), LoRA terms per expert. The per-expert loop is
+    the reference, used for layouts the grouped path does not cover.
+    """
+
+    grouped = True  # tests and benchmarks turn it off to compare against the reference loop
 
     def __init__(self, config: MixtralConfig) -> None:
         super().__init__(ExpertMLP(config) for _ in range(config.num_local_experts))
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.grouped and all(_groupable(m) for e in self for m in (e.w1, e.w3, e.w2)):
+            return self._grouped_forward(hidden_states, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             routed = nn.functional.one_hot(top_k_index, num_classes=len(self)).permute(2, 1, 0)
@@ -47,6 +122,29 @@ class LinearExperts(nn.ModuleList):
             y = self[expert](hidden_states[token]) * top_k_weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out
+
+    def _grouped_forward(self, hidden_states, top_k_index, top_k_weights):
+        top_k = top_k_index.shape[1]
+        with torch.no_grad():
+            order = top_k_index.reshape(-1).argsort(stable=True)
+            ends = torch.bincount(top_k_index.reshape(-1), minlength=len(self)).cumsum(0).to(torch.int32)
+            bounds = [0, *ends.tolist()]
+        token, slot = order // top_k, order % top_k
+        x = hidden_states[token]
+        gate_up = FrozenGroupedLinear.apply(x, ends, [(e.w1, e.w3) for e in self])
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate, up = self._add_lora(gate, x, bounds, "w1"), self._add_lora(up, x, bounds, "w3")
+        h = self[0].act_fn(gate) * up
+        y = self._add_lora(FrozenGroupedLinear.apply(h, ends, [(e.w2,) for e in self]), h, bounds, "w2")
+        y = y * top_k_weights[token, slot, None]
+        return torch.zeros_like(hidden_states).index_add_(0, token, y.to(hidden_states.dtype))
+
+    def _add_lora(self, base: torch.Tensor, x: torch.Tensor, bounds: list[int], name: str) -> torch.Tensor:
+        parts = []
+        for expert, (start, end) in zip(self, zip(bounds, bounds[1:])):
+            delta = _lora_delta(getattr(expert, name), x[start:end]) if end > start else None
+            parts.append(base[start:end] if delta is None else base[start:end] + delta.to(base.dtype))
+        return torch.cat(parts)
 
 
 class MtgMixtralConfig(MixtralConfig):
