@@ -174,6 +174,9 @@ class MtgMixtralConfig(MixtralConfig):
 
 class MtgMixtralModel(MixtralModel):
     config_class = MtgMixtralConfig
+    # transformers picks an implementation for its fused experts by inspecting the class's module; ours
+    # are LinearExperts, which ignore that choice, so accept whatever the outer model's init selected.
+    _can_set_experts_implementation_cached_value = True
 
     def __init__(self, config: MixtralConfig) -> None:
         super().__init__(config)
@@ -185,6 +188,7 @@ class MtgMixtralForCausalLM(MixtralForCausalLM):
     """MixtralForCausalLM with per-expert Linear layers; loads hub (`w1/w2/w3`) checkpoints."""
 
     config_class = MtgMixtralConfig
+    _can_set_experts_implementation_cached_value = True  # see MtgMixtralModel
 
     def __init__(self, config: MixtralConfig) -> None:
         config.model_type = MtgMixtralConfig.model_type  # config.json's "mixtral" would reach peft otherwise
