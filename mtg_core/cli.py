@@ -124,8 +124,9 @@ def _setup_logging(output_dir: Path) -> None:
 @click.option("--save-steps", type=click.IntRange(min=1), help="Checkpoint every N steps (the last 3 are kept) for --resume.")
 @click.option("--resume", is_flag=True, help="Continue the newest complete checkpoint of an interrupted run.")
 @click.option("--force", is_flag=True, help="With --resume: resume although settings changed; without: discard an interrupted run.")
+@click.option("--eval-after", is_flag=True, help="Verify the new adapters with mtg-eval once training ends.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def train_command(expert, all_experts, list_experts, plan_only, as_json, base_model, data, output_dir, resume, force, debug, **hyper):
+def train_command(expert, all_experts, list_experts, plan_only, as_json, base_model, data, output_dir, resume, force, eval_after, debug, **hyper):
     """Train MTG reasoning-mode LoRA experts (QLoRA on Mixtral, or the embedded tiny Mixtral on a CPU)."""
     try:
         registry = Registry.discover()
@@ -137,7 +138,7 @@ def train_command(expert, all_experts, list_experts, plan_only, as_json, base_mo
             _plan(registry, expert, all_experts, base_model, hyper, as_json)
             return
         with _stop_on_signals():
-            _train(registry, expert, all_experts, base_model, data, Path(output_dir), hyper, resume, force)
+            _train(registry, expert, all_experts, base_model, data, Path(output_dir), hyper, resume, force, eval_after)
     except MtgError as exc:
         if debug:
             raise
@@ -199,7 +200,7 @@ def _plan(registry: Registry, name, all_experts, base_model, hyper: dict, as_jso
         sys.exit(1)
 
 
-def _train(registry: Registry, name, all_experts, base_model, data, output_dir: Path, hyper: dict, resume=False, force=False) -> None:
+def _train(registry: Registry, name, all_experts, base_model, data, output_dir: Path, hyper: dict, resume=False, force=False, eval_after=False) -> None:
     from mtg_core.train import TrainOptions, check_output_dir, plan_resume, prepare, train_expert
 
     experts = _selected(registry, name, all_experts)
@@ -221,6 +222,8 @@ def _train(registry: Registry, name, all_experts, base_model, data, output_dir: 
     base = load_base(choice, options.quant, log.info)
     for run in runs:
         train_expert(base, registry, run, options, output_dir)
+    if eval_after:
+        run_eval(registry, experts, output_dir, choice, base, max_new_tokens=48, seq_len=options.seq_len, no_fail=False)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -237,3 +240,157 @@ def new_expert_command(name, description, dest):
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     click.echo(f"created {root}\nnext: edit its template.txt, data/ and plugin.py, then `pip install {root}` and `mtg-train --list`")
+
+
+class EvalFailed(MtgError):
+    exit_code = 1
+
+
+def _base_for(adapters: Path, experts: list, base_model: str | None):
+    """--base-model, else the base the (first) adapter was trained on, else the machine's default."""
+    from mtg_core.base_models import choose_base, default_base
+
+    if base_model:
+        return choose_base(base_model)
+    for expert in experts:
+        meta = adapters / expert.name / "training_meta.json"
+        if meta.is_file():
+            name = json.loads(meta.read_text(encoding="utf-8"))["base_model"]["name"]
+            return choose_base(name, reason=f"the base {meta} was trained on")
+    return default_base()
+
+
+def run_eval(registry: Registry, experts: list, adapters: Path, choice, base, max_new_tokens: int, seq_len: int, no_fail: bool) -> dict:
+    """Evaluate `experts`' adapters on `base` (a LoadedBase), write each eval.json, print the table."""
+    import os
+
+    from mtg_core.evaluate import attach_adapters, check_adapter, evaluate
+
+    folders = {e.name: check_adapter(adapters, e.name, choice.location) for e in experts}
+    model = attach_adapters(base.model, folders)
+    results = evaluate(model, base.tokenizer, registry, experts, max_new_tokens, seq_len)
+    for name, result in results.items():
+        target = folders[name] / "eval.json"
+        target.with_suffix(".json.tmp").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        os.replace(target.with_suffix(".json.tmp"), target)
+    click.echo(f"{'EXPERT':<12} {'BASE LOSS':>10} {'ADAPTER LOSS':>13} {'BASE PPL':>10} {'ADAPTER PPL':>12}  RESULT")
+    for name, r in results.items():
+        click.echo(f"{name:<12} {r['heldout_loss']['base']:>10.4f} {r['heldout_loss']['adapter']:>13.4f} "
+                   f"{r['heldout_perplexity']['base']:>10.2f} {r['heldout_perplexity']['adapter']:>12.2f}  "
+                   f"{'better' if r['improved'] else 'NOT better'}")
+    if len(results) > 1:
+        names = list(results)
+        click.echo("\nheld-out loss, adapter (row) on each expert's held-out set (column):")
+        click.echo(" " * 12 + "".join(f"{n:>12}" for n in names))
+        matrix = results[names[0]]["heldout_matrix"]
+        for row in names:
+            click.echo(f"{row:<12}" + "".join(f"{matrix[row][col]:>12.4f}" for col in names))
+    for name, r in results.items():
+        for sample in r["samples"]:
+            click.echo(f"\n[{name}] {sample['prompt']}\n  base:    {sample['base'][:160]}\n  adapter: {sample['adapter'][:160]}")
+    worse = [name for name, r in results.items() if not r["improved"]]
+    if worse and not no_fail:
+        raise EvalFailed(f"the adapter of {', '.join(worse)} does not lower its held-out loss (see eval.json; --no-fail to only report)")
+    return results
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--expert", "-e", metavar="NAME", help="Expert whose adapter to verify.")
+@click.option("--all", "all_experts", is_flag=True, help="Every installed expert, with the held-out loss matrix.")
+@click.option("--base-model", metavar="NAME", help="Default: the base the adapter was trained on.")
+@click.option("--adapters", type=click.Path(file_okay=False), default="adapters", show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=48, show_default=True)
+@click.option("--seq-len", type=click.IntRange(16, 32768), default=512, show_default=True)
+@click.option("--quant", type=click.Choice(["nf4", "none"]), default="nf4", show_default=True)
+@click.option("--no-fail", is_flag=True, help="Report only: exit 0 even when an adapter does not lower its held-out loss.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def eval_command(expert, all_experts, base_model, adapters, max_new_tokens, seq_len, quant, no_fail, debug):
+    """Verify adapters: held-out loss and greedy answers to each expert's evaluation prompts, base vs adapter."""
+    try:
+        registry = Registry.discover()
+        experts = _selected(registry, expert, all_experts)
+        adapters = Path(adapters)
+        choice = _base_for(adapters, experts, base_model)
+        from mtg_core.base_models import load_base
+        from mtg_core.evaluate import check_adapter
+
+        for e in experts:  # before the base loads
+            check_adapter(adapters, e.name, choice.location)
+        base = load_base(choice, quant, lambda line: click.echo(line, err=True))
+        run_eval(registry, experts, adapters, choice, base, max_new_tokens, seq_len, no_fail)
+    except MtgError as exc:
+        if debug:
+            raise
+        click.echo(f"{exc.label}: {exc}", err=True)
+        sys.exit(exc.exit_code)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("question", required=False)
+@click.option("--expert", "-e", metavar="NAME", help="Expert to answer with (in --interactive: the first one).")
+@click.option("--interactive", "-i", is_flag=True, help="Ask many questions; '/expert NAME' switches expert, '/quit' ends.")
+@click.option("--base-model", metavar="NAME", help="Default: the base the adapters were trained on.")
+@click.option("--adapters", type=click.Path(file_okay=False), default="adapters", show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=200, show_default=True)
+@click.option("--quant", type=click.Choice(["nf4", "none"]), default="nf4", show_default=True)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def ask_command(question, expert, interactive, base_model, adapters, max_new_tokens, quant, debug):
+    """Answer an MTG question with a trained expert; --interactive keeps every adapter on one loaded base."""
+    try:
+        _ask(question, expert, interactive, base_model, Path(adapters), max_new_tokens, quant)
+    except MtgError as exc:
+        if debug:
+            raise
+        click.echo(f"{exc.label}: {exc}", err=True)
+        sys.exit(exc.exit_code)
+
+
+def _ask(question, name, interactive, base_model, adapters: Path, max_new_tokens: int, quant: str) -> None:
+    from mtg_core.base_models import load_base
+    from mtg_core.evaluate import attach_adapters, check_adapter, generate, prompt_for
+
+    if interactive == bool(question):
+        raise ConfigError('give a question, or --interactive (e.g. mtg-ask --expert explain "What does trample do?")')
+    registry = Registry.discover()
+    if interactive:
+        experts = [e for e in registry.experts() if not e.error and (adapters / e.name / "adapter_config.json").is_file()]
+        if not experts:
+            raise ConfigError(f"no trained adapters in {adapters}; train one with mtg-train --expert NAME")
+    else:
+        experts = [registry.expert(name)] if name else []
+        if not experts:
+            raise ConfigError("give --expert NAME (see mtg-train --list)")
+    choice = _base_for(adapters, experts, base_model)
+    folders = {e.name: check_adapter(adapters, e.name, choice.location) for e in experts}
+    base = load_base(choice, quant, lambda line: click.echo(line, err=True))
+    model = attach_adapters(base.model, folders)
+    from transformers import TextStreamer
+
+    streamer = TextStreamer(base.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    current = registry.expert(name) if name else experts[0]
+    if current.name not in folders:
+        raise ConfigError(f"no adapter for {current.name} in {adapters}")
+
+    def answer(text: str) -> None:
+        model.set_adapter(current.name)
+        generate(model, base.tokenizer, prompt_for(registry, current, text), max_new_tokens, streamer)
+
+    if not interactive:
+        answer(question)
+        return
+    click.echo(f"experts loaded: {', '.join(folders)}; '/expert NAME' switches, '/quit' ends", err=True)
+    stdin = click.get_text_stream("stdin")
+    while True:
+        click.echo(f"[{current.name}]> ", nl=False, err=True)
+        line = stdin.readline()
+        if not line or line.strip() == "/quit":
+            return
+        line = line.strip()
+        if line.startswith("/expert"):
+            wanted = line.removeprefix("/expert").strip().lower()
+            if wanted in folders:
+                current = registry.expert(wanted)
+            else:
+                click.echo(f"no adapter loaded for {wanted!r}; loaded: {', '.join(folders)}", err=True)
+        elif line:
+            answer(line)
