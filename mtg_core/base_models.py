@@ -123,6 +123,7 @@ def device_and_dtype():
     import torch
 
     if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return "cpu", torch.float32
 
@@ -218,7 +219,7 @@ def load_base(choice: BaseChoice, quant: str, log: Callable[[str], None] = print
             config=config,
             dtype=dtype,
             quantization_config=quantization_config,
-            device_map={"": 0} if cuda else None,
+            device_map={"": int(os.environ.get("LOCAL_RANK", "0"))} if cuda else None,  # each torchrun rank: its own GPU
             use_safetensors=True,
             trust_remote_code=False,
             output_loading_info=True,

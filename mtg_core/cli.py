@@ -89,9 +89,17 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def _setup_logging(output_dir: Path) -> None:
-    log.setLevel(logging.INFO)
+    from mtg_core.train import rank
+
     log.handlers.clear()
     formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    if rank() != 0:  # other ranks of torchrun only report problems, prefixed with their rank
+        log.setLevel(logging.WARNING)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank()}] %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        return
+    log.setLevel(logging.INFO)
     for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(output_dir / "training_log.txt", encoding="utf-8")):
         handler.setFormatter(formatter)
         log.addHandler(handler)
@@ -178,7 +186,7 @@ def _selected(registry: Registry, name, all_experts) -> list:
 
 def _plan(registry: Registry, name, all_experts, base_model, hyper: dict, as_json: bool) -> None:
     from mtg_core.base_models import choose_base, default_base
-    from mtg_core.train import TrainOptions, memory_plan
+    from mtg_core.train import TrainOptions, memory_plan, world_size
 
     experts = _selected(registry, name, all_experts)
     options = TrainOptions(**{k: v for k, v in hyper.items() if v is not None})
@@ -186,11 +194,12 @@ def _plan(registry: Registry, name, all_experts, base_model, hyper: dict, as_jso
     plans = []
     for expert in experts:
         plan, advice = memory_plan(choice, registry.lora_settings(expert), options)
-        plans.append({"expert": expert.name, "base_model": choice.name, **plan.as_dict(), "advice": advice})
+        plans.append({"expert": expert.name, "base_model": choice.name, "world_size": world_size(), **plan.as_dict(), "advice": advice})
         if not as_json:
             from mtg_core.plan import describe
 
-            click.echo(f"{expert.name} on {choice.name}, batch {options.batch_size} x seq {options.seq_len}, quant {options.quant}:")
+            per_gpu = f", per process of {world_size()} (each holds the whole base)" if world_size() > 1 else ""
+            click.echo(f"{expert.name} on {choice.name}, batch {options.batch_size} x seq {options.seq_len}, quant {options.quant}{per_gpu}:")
             click.echo("\n".join(describe(plan)))
             if not plan.fits:
                 click.echo(f"  to fit: {advice}" if advice else "  no batch size or sequence length makes it fit this device")
@@ -222,7 +231,9 @@ def _train(registry: Registry, name, all_experts, base_model, data, output_dir: 
     base = load_base(choice, options.quant, log.info)
     for run in runs:
         train_expert(base, registry, run, options, output_dir)
-    if eval_after:
+    from mtg_core.train import rank
+
+    if eval_after and rank() == 0:
         run_eval(registry, experts, output_dir, choice, base, max_new_tokens=48, seq_len=options.seq_len, no_fail=False)
 
 

@@ -107,7 +107,8 @@ def plan_resume(run: PreparedRun, options: TrainOptions, output_dir: Path, base_
                 f"{work} holds an interrupted run of {run.expert.name} (step {checkpoint.name.split('-')[-1]}); "
                 "continue it with --resume, or pass --force to discard it"
             )
-        shutil.rmtree(work, ignore_errors=True)
+        if rank() == 0:  # every rank decides alike; only rank 0 touches the disk
+            shutil.rmtree(work, ignore_errors=True)
         return run
     if checkpoint is None:
         raise ConfigError(
@@ -120,6 +121,15 @@ def plan_resume(run: PreparedRun, options: TrainOptions, output_dir: Path, base_
         what = "; ".join(f"{k} was {old!r}, now {new!r}" for k, (old, new) in changed.items())
         raise ConfigError(f"cannot resume {run.expert.name} from {checkpoint}: {what}; pass --force to resume anyway")
     return attrs.evolve(run, resume_from=checkpoint)
+
+
+def rank() -> int:
+    """This process's rank under torchrun / accelerate launch (0 when not distributed)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class StopRequest:
@@ -244,8 +254,12 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
              plan.device_free_bytes / 1024**3, plan.device)
     cuda = base.device == "cuda"
     work = work_dir(output_dir, expert.name)
+    main_process = rank() == 0  # under torchrun only rank 0 writes checkpoints, logs and the adapter
     work.mkdir(exist_ok=True)
-    (work / "run.json").write_text(json.dumps(run_identity(run, options, base.choice.location), indent=2), encoding="utf-8")
+    if main_process:
+        (work / "run.json").write_text(json.dumps(run_identity(run, options, base.choice.location), indent=2), encoding="utf-8")
+    log.info("%s: global batch %d = %d per device x %d accumulation x %d processes", expert.name,
+             options.batch_size * options.grad_accum * world_size(), options.batch_size, options.grad_accum, world_size())
     finished = False
     try:
         args = TrainingArguments(
@@ -303,6 +317,9 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
                 f"{checkpoint}; continue with: {' '.join(map(shlex.quote, ['mtg-train', *sys.argv[1:], *(['--resume'] if '--resume' not in sys.argv else [])]))}",
             )
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        if not main_process:
+            finished = True
+            return {}
         final = work / "adapter"
         # Dropout only acts while training (training_meta.json keeps the value used). Saved as 0 because
         # peft maps per-expert LoRA onto transformers 5's fused experts with ParamWrapper, which refuses
@@ -351,7 +368,7 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
         return meta
     finally:
         # A run that checkpointed keeps its work folder for --resume; anything else leaves no trace.
-        if finished or newest_checkpoint(work) is None:
+        if main_process and (finished or newest_checkpoint(work) is None):
             shutil.rmtree(work, ignore_errors=True)
         base.model = model.unload()  # the next expert of --all starts from the same, untouched base
 

@@ -1,0 +1,47 @@
+"""torchrun on the CPU (gloo, 2 processes): one adapter, equal to a single-process run with the same global batch."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from conftest import ROOT, cli_env, make_dist
+
+BIN = Path(sys.executable).parent
+EXPLAIN_DATA = ROOT / "mtg_expert_explain" / "mtg_expert_explain" / "data" / "training" / "explain_examples.jsonl"
+# EXPLAIN's template and data with LoRA dropout 0: dropout masks differ between one and two processes
+NODROP = """import attrs
+from mtg_core import ExpertInfo, LoraSettings
+from mtg_expert_explain.plugin import plugin as explain
+plugin = attrs.evolve(explain, info=ExpertInfo("nodrop", "EXPLAIN without dropout"), lora=LoraSettings(16, 32, 0.0))
+"""
+COMMON = ["--expert", "nodrop", "--data", str(EXPLAIN_DATA), "--max-samples", "16", "--max-steps", "4", "--seq-len", "256",
+          "--grad-accum", "1", "--seed", "7"]
+
+
+def test_two_gloo_processes_train_one_adapter_equal_to_one_process(tmp_path):
+    env = cli_env(make_dist(tmp_path / "site", "mtg-expert-nodrop", {"nodrop": "mtg_nodrop:plugin"}, {"mtg_nodrop.py": NODROP}),
+                  MTG_PLUGINS="explain,nodrop")
+    single = subprocess.run([str(BIN / "mtg-train"), *COMMON, "--batch-size", "4", "--output-dir", str(tmp_path / "one")],
+                            env=env, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python", str(BIN / "mtg-train"),
+                             *COMMON, "--batch-size", "2", "--output-dir", str(tmp_path / "two")],
+                            env=env, capture_output=True, text=True)
+    assert double.returncode == 0, double.stderr[-3000:]
+    log = (tmp_path / "two" / "training_log.txt").read_text()
+    assert "global batch 4 = 2 per device x 1 accumulation x 2 processes" in log
+    assert log.count("step 4/4") == 1  # rank 0 alone writes the log
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["nodrop", "training_log.txt"]
+    one = load_file(tmp_path / "one" / "nodrop" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "two" / "nodrop" / "adapter_model.safetensors")
+    assert one.keys() == two.keys()
+    # lora_B starts at zero, so its value is what training changed: compare the two runs against that
+    b_keys = [k for k in one if "lora_B" in k]
+    change = sum(one[k].square().sum() for k in b_keys).sqrt()
+    gap = sum((one[k] - two[k]).square().sum() for k in b_keys).sqrt()
+    assert change > 0 and gap / change < 0.02, (gap / change).item()
+    for k in one:
+        if "lora_A" in k:
+            assert (one[k] - two[k]).abs().max() < 1e-3 * one[k].abs().max()
