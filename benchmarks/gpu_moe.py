@@ -87,7 +87,9 @@ def add_lora(model, seed: int = 1):
 def measure(variant, layers, tokens, seq, steps, small, device, dtype):
     import bitsandbytes as bnb
 
-    torch.cuda.empty_cache() if device == "cuda" else None
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     model = add_lora(build(variant, layers, small, device, dtype))
     quant = count_quantized(model)
     optimizer = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -124,9 +126,7 @@ def measure(variant, layers, tokens, seq, steps, small, device, dtype):
         "extrapolated_32_layers_gib": round((peak + plan32.total_bytes - plan.total_bytes) / GIB, 3) if peak else None,
         "quantized_weights": f"{quant.quantized_weights}/{quant.total_weights}",
     }
-    del model, optimizer
-    gc.collect()
-    return result
+    return result  # the model and optimizer go with this frame; the next measure() collects them
 
 
 def check_against_bf16(layers, seq, small, device, dtype):

@@ -185,25 +185,41 @@ def count_quantized(model) -> QuantizationReport:
     return QuantizationReport(method, quantized, total, first)
 
 
-def load_base(choice: BaseChoice, quant: str, log: Callable[[str], None] = print) -> LoadedBase:
+def _unloadable(choice: BaseChoice, exc: Exception) -> BaseModelError:
+    return BaseModelError(
+        f"cannot load base model {choice.name!r}: {str(exc).splitlines()[0]}; without network give a local "
+        f"folder (config.json, *.safetensors, tokenizer) or the preset {TINY}"
+    )
+
+
+def load_tokenizer(choice: BaseChoice):
+    """The base's tokenizer (cheap: lets the data be checked before any weights load)."""
+    from transformers import AutoTokenizer
+
+    if choice.name == TINY:
+        ensure_tiny_mixtral()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(choice.location, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise _unloadable(choice, exc) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(choice: BaseChoice, quant: str, log: Callable[[str], None] = print, tokenizer=None) -> LoadedBase:
     """Load the base for training: per-expert Linear layout for Mixtral, NF4 quantised while loading."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     from mtg_core.moe import MtgMixtralForCausalLM
 
     device, dtype = device_and_dtype()
     cuda = device == "cuda"
-    if choice.name == TINY:
-        ensure_tiny_mixtral()
+    tokenizer = tokenizer or load_tokenizer(choice)
     try:
         config = AutoConfig.from_pretrained(choice.location, trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(choice.location, trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        raise BaseModelError(
-            f"cannot load base model {choice.name!r}: {str(exc).splitlines()[0]}; without network give a local "
-            f"folder (config.json, *.safetensors, tokenizer) or the preset {TINY}"
-        ) from None
+        raise _unloadable(choice, exc) from None
     model_class = MtgMixtralForCausalLM if config.model_type == "mixtral" else AutoModelForCausalLM
     quantization_config = None
     if quant == "nf4":
@@ -231,8 +247,6 @@ def load_base(choice: BaseChoice, quant: str, log: Callable[[str], None] = print
             f"{choice.name}: the checkpoint lacks {len(info['missing_keys'])} weights (e.g. {sorted(info['missing_keys'])[0]}); "
             "only checkpoints in the hub layout (experts.N.w1/w2/w3) load into the 4-bit Mixtral"
         )
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     report = count_quantized(model)
     if quant == "nf4" and report.quantized_weights < report.total_weights:
         raise BaseModelError(

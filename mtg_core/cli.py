@@ -210,7 +210,7 @@ def _plan(registry: Registry, name, all_experts, base_model, hyper: dict, as_jso
 
 
 def _train(registry: Registry, name, all_experts, base_model, data, output_dir: Path, hyper: dict, resume=False, force=False, eval_after=False) -> None:
-    from mtg_core.train import TrainOptions, check_output_dir, plan_resume, prepare, train_expert
+    from mtg_core.train import TrainOptions, check_output_dir, plan_resume, prepare, tokenize_run, train_expert
 
     experts = _selected(registry, name, all_experts)
     if all_experts and data:
@@ -219,7 +219,7 @@ def _train(registry: Registry, name, all_experts, base_model, data, output_dir: 
     runs = [prepare(registry, expert, options, data) for expert in experts]  # all data checked before weights load
     check_output_dir(output_dir)
     _setup_logging(output_dir)
-    from mtg_core.base_models import TINY, TINY_LR, choose_base, default_base, load_base
+    from mtg_core.base_models import TINY, TINY_LR, choose_base, default_base, load_base, load_tokenizer
 
     choice = choose_base(base_model) if base_model else default_base()
     log.info("base model: %s (%s): %s", choice.name, choice.location, choice.reason)
@@ -228,7 +228,9 @@ def _train(registry: Registry, name, all_experts, base_model, data, output_dir: 
     if hyper["lr"] is None and choice.name == TINY:
         options = attrs.evolve(options, lr=TINY_LR)
     runs = [plan_resume(run, options, output_dir, choice.location, resume, force) for run in runs]
-    base = load_base(choice, options.quant, log.info)
+    tokenizer = load_tokenizer(choice)
+    runs = [tokenize_run(run, tokenizer, options.seq_len) for run in runs]
+    base = load_base(choice, options.quant, log.info, tokenizer)
     for run in runs:
         train_expert(base, registry, run, options, output_dir)
     from mtg_core.train import rank

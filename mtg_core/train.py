@@ -22,7 +22,7 @@ from pathlib import Path
 
 import attrs
 
-from mtg_core.data import check_trainable, file_sha256, load_examples, tokenize
+from mtg_core.data import TokenizedData, check_trainable, file_sha256, load_examples, tokenize
 from mtg_core.errors import ConfigError, OutOfMemory, TrainingInterrupted
 from mtg_core.experts import FormattedExample, LoraSettings
 from mtg_core.plugins import Expert, Registry
@@ -60,6 +60,7 @@ class PreparedRun:
     data_sha256: str
     examples: list[FormattedExample]
     resume_from: Path | None = None
+    data: TokenizedData | None = None
 
 
 def prepare(registry: Registry, expert: Expert, options: TrainOptions, data: Path | None) -> PreparedRun:
@@ -69,6 +70,21 @@ def prepare(registry: Registry, expert: Expert, options: TrainOptions, data: Pat
     return PreparedRun(expert, lora, data_path, file_sha256(data_path), examples)
 
 
+def tokenize_run(run: PreparedRun, tokenizer, seq_len: int) -> PreparedRun:
+    """Tokenise with the base's tokenizer and refuse data that would leave nothing to learn."""
+    data = tokenize(run.examples, tokenizer, seq_len)
+    log.info(
+        "%s: %d examples from %s; %d truncated to %d tokens, %d with no answer tokens, %d answer tokens to learn",
+        run.expert.name, len(data.rows), run.data_path, data.truncated, seq_len, data.untrained, data.trained_tokens,
+    )
+    check_trainable(data, seq_len, str(run.data_path))
+    return attrs.evolve(run, data=data)
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("checkpoint-"))
+
+
 def work_dir(output_dir: Path, expert: str) -> Path:
     """Where a run trains and checkpoints; it becomes DIR/<expert>/ only when the run succeeds."""
     return output_dir / f".{expert}.partial"
@@ -76,7 +92,7 @@ def work_dir(output_dir: Path, expert: str) -> Path:
 
 def newest_checkpoint(work: Path) -> Path | None:
     done = [p for p in work.glob("checkpoint-*") if (p / CHECKPOINT_DONE).is_file() and p.name.split("-")[-1].isdigit()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    return max(done, key=step_of, default=None)
 
 
 def run_identity(run: PreparedRun, options: TrainOptions, base_location: str) -> dict:
@@ -104,7 +120,7 @@ def plan_resume(run: PreparedRun, options: TrainOptions, output_dir: Path, base_
     if not resume:
         if checkpoint and not force:
             raise ConfigError(
-                f"{work} holds an interrupted run of {run.expert.name} (step {checkpoint.name.split('-')[-1]}); "
+                f"{work} holds an interrupted run of {run.expert.name} (step {step_of(checkpoint)}); "
                 "continue it with --resume, or pass --force to discard it"
             )
         if rank() == 0:  # every rank decides alike; only rank 0 touches the disk
@@ -115,7 +131,8 @@ def plan_resume(run: PreparedRun, options: TrainOptions, output_dir: Path, base_
             f"nothing to resume for {run.expert.name}: no complete checkpoint in {work} "
             "(checkpoints are written every --save-steps N steps and when a run is interrupted)"
         )
-    saved = json.loads((work / "run.json").read_text(encoding="utf-8"))
+    identity = work / "run.json"
+    saved = json.loads(identity.read_text(encoding="utf-8")) if identity.is_file() else {}
     changed = {k: (saved.get(k), v) for k, v in run_identity(run, options, base_location).items() if saved.get(k) != v}
     if changed and not force:
         what = "; ".join(f"{k} was {old!r}, now {new!r}" for k, (old, new) in changed.items())
@@ -227,13 +244,7 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, ProgressCallback, TrainingArguments
 
-    expert = run.expert
-    data = tokenize(run.examples, base.tokenizer, options.seq_len)
-    log.info(
-        "%s: %d examples from %s; %d truncated to %d tokens, %d with no answer tokens, %d answer tokens to learn",
-        expert.name, len(data.rows), run.data_path, data.truncated, options.seq_len, data.untrained, data.trained_tokens,
-    )
-    check_trainable(data, options.seq_len, str(run.data_path))
+    expert, data = run.expert, run.data
     lora_config = LoraConfig(
         r=run.lora.rank,
         lora_alpha=run.lora.alpha,
@@ -298,7 +309,7 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         if run.resume_from:
-            log.info("%s: resumed from step %s (%s)", expert.name, run.resume_from.name.split("-")[-1], run.resume_from)
+            log.info("%s: resumed from step %d (%s)", expert.name, step_of(run.resume_from), run.resume_from)
         started = time.perf_counter()
         try:
             result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
@@ -340,7 +351,7 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
                 "untrained": data.untrained,
                 "answer_tokens": data.trained_tokens,
             },
-            "resumed_from_step": int(run.resume_from.name.split("-")[-1]) if run.resume_from else None,
+            "resumed_from_step": step_of(run.resume_from) if run.resume_from else None,
             "steps": trainer.state.global_step,
             "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None,

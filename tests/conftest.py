@@ -58,4 +58,34 @@ def cli_env(*sites: Path, **extra) -> dict[str, str]:
     return env
 
 
+@pytest.fixture
+def count_base_loads(monkeypatch):
+    """The paths every base-model load read from (MtgMixtralForCausalLM.from_pretrained calls)."""
+    from mtg_core.moe import MtgMixtralForCausalLM
+
+    loads = []
+    original = MtgMixtralForCausalLM.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(args[0])
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(MtgMixtralForCausalLM, "from_pretrained", classmethod(counting))
+    return loads
+
+
+def add_plugin(monkeypatch, plugin, name="test-plugin"):
+    """Make Registry.discover() also register `plugin`, as if it were installed."""
+    from mtg_core.plugins import Registry
+
+    discover = Registry.discover.__func__
+
+    def patched(cls):
+        registry = discover(cls)
+        registry.register(plugin, name)
+        return registry
+
+    monkeypatch.setattr(Registry, "discover", classmethod(patched))
+
+
 MTG_TRAIN = [sys.executable, "-c", "from mtg_core.cli import train_command; train_command()"]

@@ -7,7 +7,6 @@ from click.testing import CliRunner
 
 from conftest import EXPERTS
 from mtg_core.cli import ask_command, eval_command, train_command
-from mtg_core.moe import MtgMixtralForCausalLM
 
 FAST = ["--max-samples", "32", "--batch-size", "4", "--grad-accum", "1", "--lr", "3e-3", "--seq-len", "384", "--max-steps", "12"]
 
@@ -18,19 +17,6 @@ def adapters(tmp_path_factory):
     result = CliRunner().invoke(train_command, ["--all", "--output-dir", str(out), *FAST, "--eval-after"])
     assert result.exit_code == 0, result.output
     return out, result.output
-
-
-@pytest.fixture
-def count_loads(monkeypatch):
-    loads = []
-    original = MtgMixtralForCausalLM.from_pretrained.__func__
-
-    def counting(cls, *args, **kwargs):
-        loads.append(args[0])
-        return original(cls, *args, **kwargs)
-
-    monkeypatch.setattr(MtgMixtralForCausalLM, "from_pretrained", classmethod(counting))
-    return loads
 
 
 def test_training_lowers_heldout_loss_and_eval_json_records_it(adapters):
@@ -52,21 +38,21 @@ def test_each_adapter_is_best_on_its_own_heldout_set(adapters):
     assert sum(best[c] == c for c in EXPERTS) >= 3, best
 
 
-def test_eval_command_loads_the_base_once_for_every_adapter(adapters, count_loads):
+def test_eval_command_loads_the_base_once_for_every_adapter(adapters, count_base_loads):
     out, _ = adapters
     result = CliRunner().invoke(eval_command, ["--all", "--adapters", str(out), "--max-new-tokens", "8"])
     assert result.exit_code == 0, result.output
-    assert len(count_loads) == 1
+    assert len(count_base_loads) == 1
     assert any(line.split()[:3] == ["EXPERT", "BASE", "LOSS"] for line in result.stdout.splitlines())
 
 
-def test_ask_switches_experts_without_reloading_the_base(adapters, count_loads):
+def test_ask_switches_experts_without_reloading_the_base(adapters, count_base_loads):
     out, _ = adapters
     session = "What is trample?\n/expert teach\nWhat is a mana curve?\n/expert nosuch\n/expert PREDICT\nOdds of a land?\n/quit\n"
     result = CliRunner().invoke(ask_command, ["--interactive", "--expert", "explain", "--adapters", str(out), "--max-new-tokens", "6"],
                                 input=session)
     assert result.exit_code == 0, result.output
-    assert len(count_loads) == 1
+    assert len(count_base_loads) == 1
     assert "[explain]> " in result.output and "[teach]> " in result.output and "[predict]> " in result.output
     assert "no adapter loaded for 'nosuch'" in result.output
     single = CliRunner().invoke(ask_command, ["--expert", "teach", "--adapters", str(out), "--max-new-tokens", "6", "What is a mulligan?"])

@@ -3,8 +3,6 @@
 import json
 import subprocess
 
-import pytest
-import torch
 from click.testing import CliRunner
 
 from conftest import MTG_TRAIN, cli_env

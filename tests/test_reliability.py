@@ -4,17 +4,14 @@ import json
 import re
 import signal
 import subprocess
-import time
 
-import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from conftest import MTG_TRAIN, cli_env, write_jsonl
+from conftest import MTG_TRAIN, add_plugin, cli_env, write_jsonl
 from mtg_core import hookimpl
 from mtg_core.cli import train_command
-from mtg_core.plugins import Registry
 from mtg_core.train import STOP
 
 SMALL = ["--expert", "explain", "--max-samples", "16", "--batch-size", "2", "--grad-accum", "2", "--seq-len", "192", "--max-steps", "6"]
@@ -22,17 +19,6 @@ SMALL = ["--expert", "explain", "--max-samples", "16", "--batch-size", "2", "--g
 
 def train(*args):
     return CliRunner().invoke(train_command, list(args))
-
-
-def with_plugin(monkeypatch, plugin):
-    discover = Registry.discover.__func__
-
-    def patched(cls):
-        registry = discover(cls)
-        registry.register(plugin, "test-plugin")
-        return registry
-
-    monkeypatch.setattr(Registry, "discover", classmethod(patched))
 
 
 class SignalAt:
@@ -57,7 +43,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_adapter(tmp_path, monkey
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     assert train(*SMALL, "--output-dir", str(straight)).exit_code == 0
     with monkeypatch.context() as patch:
-        with_plugin(patch, SignalAt(3))
+        add_plugin(patch, SignalAt(3))
         stopped = train(*SMALL, "--output-dir", str(interrupted))
     assert stopped.exit_code == 130, stopped.output
     assert "interrupted: stopped by SIGINT at step 3" in stopped.output and "--resume" in stopped.output
@@ -110,7 +96,7 @@ def test_resume_refuses_when_there_is_nothing_or_the_meaning_changed(tmp_path, m
     result = train(*SMALL, "--output-dir", str(tmp_path), "--resume")
     assert result.exit_code == 2 and "nothing to resume for explain" in result.output
     with monkeypatch.context() as patch:
-        with_plugin(patch, SignalAt(2))
+        add_plugin(patch, SignalAt(2))
         assert train(*SMALL, "--output-dir", str(tmp_path)).exit_code == 130
     other = write_jsonl(tmp_path / "other.jsonl", [{"input": f"q{i}", "output": f"a{i}"} for i in range(16)])
     changed = train(*SMALL, "--output-dir", str(tmp_path), "--resume", "--data", str(other), "--seq-len", "128")

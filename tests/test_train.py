@@ -1,7 +1,6 @@
 """The real QLoRA path end to end on the embedded tiny Mixtral: NF4 weights, 8-bit optimizer, Trainer, peft."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,13 +9,12 @@ from peft import PeftModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from conftest import EXPERTS
+from conftest import EXPERTS, add_plugin
 from mtg_core import hookimpl
-from mtg_core.base_models import TINY, choose_base, count_quantized, ensure_tiny_mixtral, load_base
+from mtg_core.base_models import TINY, choose_base, ensure_tiny_mixtral, load_base
 from mtg_core.cli import train_command
 from mtg_core.errors import BaseModelError
 from mtg_core.moe import MtgMixtralForCausalLM
-from mtg_core.plugins import Registry
 
 FAST = ["--max-samples", "32", "--batch-size", "4", "--grad-accum", "1", "--lr", "3e-3", "--seq-len", "256"]
 
@@ -99,18 +97,10 @@ def test_tiny_mixtral_is_built_identically_from_its_seed(tmp_path, monkeypatch):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_all_trains_every_expert_on_one_base_load(tmp_path, monkeypatch):
-    loads = []
-    original = MtgMixtralForCausalLM.from_pretrained.__func__
-
-    def counting(cls, *args, **kwargs):
-        loads.append(args[0])
-        return original(cls, *args, **kwargs)
-
-    monkeypatch.setattr(MtgMixtralForCausalLM, "from_pretrained", classmethod(counting))
+def test_all_trains_every_expert_on_one_base_load(tmp_path, count_base_loads):
     result = train("--all", "--output-dir", str(tmp_path), "--max-steps", "1", "--max-samples", "4", "--seq-len", "384")
     assert result.exit_code == 0, result.output
-    assert len(loads) == 1
+    assert len(count_base_loads) == 1
     for name in EXPERTS:
         meta = json.loads((tmp_path / name / "training_meta.json").read_text())
         assert meta["expert"] == name and meta["hyperparameters"]["rank"] in (8, 16)
@@ -132,14 +122,7 @@ def test_a_failed_run_leaves_the_existing_adapter_byte_identical(explain_run, mo
         def mtg_trainer_callbacks(self, expert):
             return [Crash()]
 
-    discover = Registry.discover.__func__
-
-    def with_crash(cls):
-        registry = discover(cls)
-        registry.register(CrashPlugin(), "crash")
-        return registry
-
-    monkeypatch.setattr(Registry, "discover", classmethod(with_crash))
+    add_plugin(monkeypatch, CrashPlugin(), "crash")
     with pytest.raises(RuntimeError, match="simulated crash"):
         train("--expert", "explain", "--output-dir", str(out), "--max-steps", "5", *FAST)
     after = {p: p.read_bytes() for p in (out / "explain").rglob("*") if p.is_file()}
@@ -151,6 +134,7 @@ def test_examples_without_answer_tokens_are_refused(tmp_path):
     result = CliRunner().invoke(train_command, ["--expert", "reason", "--seq-len", "16", "--output-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert "have no answer tokens left after truncation to --seq-len 16" in result.output
+    assert "loaded tiny-mixtral" not in result.output  # refused before the weights load
     assert not (tmp_path / "reason").exists()
 
 
