@@ -207,11 +207,27 @@ def load_tokenizer(choice: BaseChoice):
     return tokenizer
 
 
+def unfused_copy(folder: Path, log: Callable[[str], None]) -> Path:
+    """The hub-layout copy of a fused-expert checkpoint, made once in the cache (see moe.unfuse_checkpoint)."""
+    from mtg_core.moe import unfuse_checkpoint
+
+    stamp = "".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(folder.glob("*.safetensors")))
+    target = cache_dir() / "unfused" / hashlib.sha256(f"{folder.resolve()}|{stamp}".encode()).hexdigest()[:16]
+    if not (target / "model.safetensors.index.json").is_file():
+        log(f"{folder} stores its experts fused; writing a per-expert copy once to {target}")
+        staging = Path(tempfile.mkdtemp(prefix=".unfused-", dir=cache_dir()))
+        unfuse_checkpoint(folder, staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return target
+
+
 def load_base(choice: BaseChoice, quant: str, log: Callable[[str], None] = print, tokenizer=None) -> LoadedBase:
     """Load the base for training: per-expert Linear layout for Mixtral, NF4 quantised while loading."""
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-    from mtg_core.moe import MtgMixtralForCausalLM
+    from mtg_core.moe import MtgMixtralForCausalLM, has_fused_experts
 
     device, dtype = device_and_dtype()
     cuda = device == "cuda"
@@ -221,6 +237,9 @@ def load_base(choice: BaseChoice, quant: str, log: Callable[[str], None] = print
     except (OSError, ValueError) as exc:
         raise _unloadable(choice, exc) from None
     model_class = MtgMixtralForCausalLM if config.model_type == "mixtral" else AutoModelForCausalLM
+    location = choice.location
+    if model_class is MtgMixtralForCausalLM and Path(location).is_dir() and has_fused_experts(location):
+        location = unfused_copy(Path(location), log)
     quantization_config = None
     if quant == "nf4":
         quantization_config = BitsAndBytesConfig(
@@ -231,7 +250,7 @@ def load_base(choice: BaseChoice, quant: str, log: Callable[[str], None] = print
         )
     try:
         model, info = model_class.from_pretrained(
-            choice.location,
+            location,
             config=config,
             dtype=dtype,
             quantization_config=quantization_config,
@@ -245,7 +264,7 @@ def load_base(choice: BaseChoice, quant: str, log: Callable[[str], None] = print
     if info["missing_keys"]:
         raise BaseModelError(
             f"{choice.name}: the checkpoint lacks {len(info['missing_keys'])} weights (e.g. {sorted(info['missing_keys'])[0]}); "
-            "only checkpoints in the hub layout (experts.N.w1/w2/w3) load into the 4-bit Mixtral"
+            "the 4-bit Mixtral loads the hub layout (experts.N.w1/w2/w3) or fused experts (experts.gate_up_proj/down_proj)"
         )
     report = count_quantized(model)
     if quant == "nf4" and report.quantized_weights < report.total_weights:

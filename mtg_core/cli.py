@@ -147,6 +147,11 @@ def train_command(expert, all_experts, list_experts, plan_only, as_json, base_mo
             return
         with _stop_on_signals():
             _train(registry, expert, all_experts, base_model, data, Path(output_dir), hyper, resume, force, eval_after)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        click.echo("aborted: second Ctrl-C; any earlier adapter is untouched, checkpoints so far are kept for --resume", err=True)
+        sys.exit(130)
     except MtgError as exc:
         if debug:
             raise

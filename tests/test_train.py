@@ -150,3 +150,27 @@ def test_unloadable_base_models_are_one_clear_error(tmp_path, base, message):
     base = base.format(empty=tmp_path)
     result = CliRunner().invoke(train_command, ["--expert", "teach", "--base-model", base, "--output-dir", str(tmp_path / "a")])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_a_checkpoint_with_fused_experts_loads_into_the_4bit_layout(tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    tiny = ensure_tiny_mixtral()
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    for item in tiny.iterdir():
+        if item.suffix != ".safetensors":
+            shutil.copy2(item, fused / item.name)
+    stock = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    state = {k: v.contiguous() for k, v in stock.state_dict().items()}
+    assert any(k.endswith("experts.gate_up_proj") for k in state)  # the transformers 5 in-memory layout
+    save_file(state, fused / "model.safetensors")
+    ids = torch.tensor([[1, 40, 50, 60, 70]])
+    plain = load_base(choose_base(str(fused)), "none", log=lambda _: None)
+    torch.testing.assert_close(plain.model(ids).logits, stock(ids).logits)
+    lines = []
+    quantized = load_base(choose_base(str(fused)), "nf4", log=lines.append)
+    assert quantized.quantization.quantized_weights == quantized.quantization.total_weights == 56
+    assert sum("stores its experts fused" in line for line in lines) == 0  # the per-expert copy was made once, above
