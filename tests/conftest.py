@@ -5,7 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from mtg_core import ExpertInfo, LoraSettings, hookimpl
+# Set before anything imports huggingface_hub, which reads them once at import.
+os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+
+from mtg_core import ExpertInfo, LoraSettings, hookimpl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERTS = ("reason", "explain", "teach", "predict", "retrospect")
@@ -15,7 +18,6 @@ EXPERTS = ("reason", "explain", "teach", "predict", "retrospect")
 def offline_cache(tmp_path_factory):
     """Tests never touch the network or the user's cache: the tiny model is built once per session."""
     os.environ["MTG_CACHE_DIR"] = str(tmp_path_factory.mktemp("mtg-cache"))
-    os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.pop("MTG_PLUGINS", None)
 
 

@@ -143,11 +143,14 @@ def test_examples_without_answer_tokens_are_refused(tmp_path):
     [
         ("./no/such/folder", "no such folder"),
         ("{empty}", "config.json is missing"),
+        ("{config_only}", "no tokenizer (tokenizer.json or tokenizer.model)"),
         ("acme/not-a-real-model", "cannot load base model 'acme/not-a-real-model'"),
     ],
 )
 def test_unloadable_base_models_are_one_clear_error(tmp_path, base, message):
-    base = base.format(empty=tmp_path)
+    (tmp_path / "config_only").mkdir()
+    (tmp_path / "config_only" / "config.json").write_text("{}")
+    base = base.format(empty=tmp_path, config_only=tmp_path / "config_only")
     result = CliRunner().invoke(train_command, ["--expert", "teach", "--base-model", base, "--output-dir", str(tmp_path / "a")])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
 
