@@ -45,3 +45,16 @@ def test_two_gloo_processes_train_one_adapter_equal_to_one_process(tmp_path):
     for k in one:
         if "lora_A" in k:
             assert (one[k] - two[k]).abs().max() < 1e-3 * one[k].abs().max()
+
+
+def test_all_under_torchrun_trains_the_experts_one_after_another(tmp_path):
+    out = tmp_path / "adapters"
+    run = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python", str(BIN / "mtg-train"),
+                          "--all", "--max-samples", "8", "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1",
+                          "--seq-len", "384", "--output-dir", str(out)],
+                         env=cli_env(MTG_PLUGINS="teach,predict"), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["predict", "teach", "training_log.txt"]
+    log = (out / "training_log.txt").read_text()
+    assert log.index("predict: adapter saved") < log.index("teach: adapter saved")
+    assert log.count("loaded tiny-mixtral") == 1 and log.count("adapter saved") == 2
