@@ -42,8 +42,6 @@ def _read_config(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 
 def _expert_rows(registry: Registry) -> list[dict]:
-    from mtg_core.errors import MtgError as _Error
-
     rows = []
     for expert in registry.experts():
         row = {"name": expert.name, "description": expert.info.description, "distribution": expert.distribution,
@@ -51,14 +49,14 @@ def _expert_rows(registry: Registry) -> list[dict]:
                "heldout_examples": None, "status": "ok", "error": expert.error}
         try:
             if expert.error:
-                raise _Error(expert.error)
+                raise MtgError(expert.error)
             lora = registry.lora_settings(expert)
             files = registry.data_files(expert)
             row.update(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
                        examples=_count_lines(files.train), heldout_examples=_count_lines(files.heldout))
             if row["examples"] is None:
-                raise _Error(f"training data {files.train} is missing or unreadable; reinstall {expert.distribution}")
-        except _Error as exc:
+                raise MtgError(f"training data {files.train} is missing or unreadable; reinstall {expert.distribution}")
+        except MtgError as exc:
             row.update(status="error", error=str(exc))
         rows.append(row)
     for failure in registry.failures:
