@@ -224,11 +224,26 @@ def _trainer_classes():
 
     class StopOnSignal(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if STOP.signum is not None:
+            if _stop_agreed(args.device):
                 control.should_save = True
                 control.should_training_stop = True
 
     return MemoryLoggingTrainer, [LogLines(), StopOnSignal()], ProgressBarOnly
+
+
+def _stop_agreed(device) -> bool:
+    """Whether to stop now. Under torch.distributed every rank must stop at the same step (a rank that
+    went on would wait forever in the next all-reduce), so the ranks agree with a one-number all-reduce."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return STOP.signum is not None
+    flag = torch.tensor([STOP.signum or 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() and STOP.signum is None:
+        STOP.signum = int(flag.item())
+    return bool(flag.item())
 
 
 def _versions() -> dict[str, str]:

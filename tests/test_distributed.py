@@ -58,3 +58,49 @@ def test_all_under_torchrun_trains_the_experts_one_after_another(tmp_path):
     log = (out / "training_log.txt").read_text()
     assert log.index("predict: adapter saved") < log.index("teach: adapter saved")
     assert log.count("loaded tiny-mixtral") == 1 and log.count("adapter saved") == 2
+
+
+# Acts as if rank 0 alone received SIGTERM during step 2: the ranks must agree to stop together.
+STOP_ON_RANK0 = """import os, signal
+from transformers import TrainerCallback
+from mtg_core import hookimpl
+from mtg_core.train import STOP
+
+class Fire(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == 2 and os.environ.get("RANK") == "0" and not os.environ.get("NO_STOP"):
+            STOP.signum = signal.SIGTERM
+
+@hookimpl
+def mtg_trainer_callbacks(expert):
+    return [Fire()]
+"""
+
+
+def test_interrupt_and_resume_under_torchrun(tmp_path):
+    site = make_dist(tmp_path / "site", "mtg-stopper", {"stopper": "mtg_stopper"}, {"mtg_stopper.py": STOP_ON_RANK0})
+    out = tmp_path / "adapters"
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python", str(BIN / "mtg-train"),
+               "--expert", "teach", "--max-samples", "8", "--max-steps", "4", "--batch-size", "2", "--grad-accum", "1",
+               "--seq-len", "384", "--output-dir", str(out)]
+    stopped = subprocess.run(command, env=cli_env(site, MTG_PLUGINS="teach,stopper"), capture_output=True, text=True, timeout=300)
+    assert stopped.returncode != 0 and "interrupted: stopped by SIGTERM at step 2" in stopped.stderr, stopped.stderr[-3000:]
+    assert (out / ".teach.partial" / "checkpoint-2" / "trainer_state.json").is_file() and not (out / "teach").exists()
+    resumed = subprocess.run([*command, "--resume"], env=cli_env(site, MTG_PLUGINS="teach,stopper", NO_STOP="1"),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 2" in (out / "training_log.txt").read_text()
+    assert (out / "teach" / "adapter_model.safetensors").is_file() and not (out / ".teach.partial").exists()
+
+
+def test_accelerate_launch_runs_the_same_data_parallel_training(tmp_path):
+    out = tmp_path / "adapters"
+    run = subprocess.run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "--no_python",
+                          str(BIN / "mtg-train"), "--expert", "explain", "--max-samples", "8", "--max-steps", "2",
+                          "--batch-size", "2", "--grad-accum", "1", "--seq-len", "384", "--output-dir", str(out)],
+                         env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = (out / "training_log.txt").read_text()
+    assert "global batch 4 = 2 per device x 1 accumulation x 2 processes" in log
+    assert (out / "explain" / "adapter_model.safetensors").is_file()
