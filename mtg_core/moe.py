@@ -9,6 +9,8 @@ name, and the adapters load on the stock transformers model through peft's own v
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from transformers import MixtralConfig, MixtralForCausalLM, MixtralModel
@@ -31,10 +33,19 @@ class ExpertMLP(nn.Module):
         return self.w2(self.act_fn(self.w1(x)) * self.w3(x))
 
 
+_grouped_kernel = {"usable": hasattr(torch, "_grouped_mm")}
+
+
 def grouped_mm(x: torch.Tensor, weight_t: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Rows of `x` sorted by expert (expert e owns rows ends[e-1]:ends[e]) times that expert's [in, out] matrix."""
-    if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
-        return torch._grouped_mm(x, weight_t, offs=ends)
+    if _grouped_kernel["usable"] and x.is_cuda and x.dtype == torch.bfloat16:
+        try:
+            return torch._grouped_mm(x, weight_t, offs=ends)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:  # e.g. a GPU generation its kernels do not support: same maths, slower
+            _grouped_kernel["usable"] = False
+            logging.getLogger("mtg_core").warning("torch._grouped_mm unavailable (%s); experts use one matmul each", exc)
     out = x.new_empty(x.shape[0], weight_t.shape[-1])  # the same maths, one matmul per expert (CPU, fp32)
     start = 0
     for expert, end in enumerate(ends.tolist()):
