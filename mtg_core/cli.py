@@ -134,7 +134,7 @@ def _setup_logging(output_dir: Path) -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def train_command(expert, all_experts, list_experts, plan_only, as_json, base_model, data, output_dir, resume, force, eval_after, debug, **hyper):
     """Train MTG reasoning-mode LoRA experts (QLoRA on Mixtral, or the embedded tiny Mixtral on a CPU)."""
-    try:
+    with _reported_errors(debug):
         registry = Registry.discover()
         if list_experts:
             rows = _expert_rows(registry)
@@ -143,13 +143,21 @@ def train_command(expert, all_experts, list_experts, plan_only, as_json, base_mo
         if plan_only:
             _plan(registry, expert, all_experts, base_model, hyper, as_json)
             return
-        with _stop_on_signals():
-            _train(registry, expert, all_experts, base_model, data, Path(output_dir), hyper, resume, force, eval_after)
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        click.echo("aborted: second Ctrl-C; any earlier adapter is untouched, checkpoints so far are kept for --resume", err=True)
-        sys.exit(130)
+        try:
+            with _stop_on_signals():
+                _train(registry, expert, all_experts, base_model, data, Path(output_dir), hyper, resume, force, eval_after)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("aborted: second Ctrl-C; any earlier adapter is untouched, checkpoints so far are kept for --resume", err=True)
+            sys.exit(130)
+
+
+@contextmanager
+def _reported_errors(debug: bool = False):
+    """The project's errors end the command with their one-line message and exit code (--debug: traceback)."""
+    try:
+        yield
     except MtgError as exc:
         if debug:
             raise
@@ -250,11 +258,8 @@ def new_expert_command(name, description, dest):
     """Create mtg_expert_NAME/, a new expert package to edit, test and `pip install`."""
     from mtg_core.scaffold import scaffold
 
-    try:
+    with _reported_errors():
         root = scaffold(name, description, Path(dest))
-    except MtgError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
     click.echo(f"created {root}\nnext: edit its template.txt, data/ and plugin.py, then `pip install {root}` and `mtg-train --list`")
 
 
@@ -322,7 +327,7 @@ def run_eval(registry: Registry, experts: list, adapters: Path, choice, base, ma
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def eval_command(expert, all_experts, base_model, adapters, max_new_tokens, seq_len, quant, no_fail, debug):
     """Verify adapters: held-out loss and greedy answers to each expert's evaluation prompts, base vs adapter."""
-    try:
+    with _reported_errors(debug):
         registry = Registry.discover()
         experts = _selected(registry, expert, all_experts)
         adapters = Path(adapters)
@@ -334,11 +339,6 @@ def eval_command(expert, all_experts, base_model, adapters, max_new_tokens, seq_
             check_adapter(adapters, e.name, choice.location)
         base = load_base(choice, quant, lambda line: click.echo(line, err=True))
         run_eval(registry, experts, adapters, choice, base, max_new_tokens, seq_len, no_fail)
-    except MtgError as exc:
-        if debug:
-            raise
-        click.echo(f"{exc.label}: {exc}", err=True)
-        sys.exit(exc.exit_code)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -352,13 +352,8 @@ def eval_command(expert, all_experts, base_model, adapters, max_new_tokens, seq_
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def ask_command(question, expert, interactive, base_model, adapters, max_new_tokens, quant, debug):
     """Answer an MTG question with a trained expert; --interactive keeps every adapter on one loaded base."""
-    try:
+    with _reported_errors(debug):
         _ask(question, expert, interactive, base_model, Path(adapters), max_new_tokens, quant)
-    except MtgError as exc:
-        if debug:
-            raise
-        click.echo(f"{exc.label}: {exc}", err=True)
-        sys.exit(exc.exit_code)
 
 
 def _ask(question, name, interactive, base_model, adapters: Path, max_new_tokens: int, quant: str) -> None:

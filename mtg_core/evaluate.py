@@ -46,14 +46,19 @@ def prompt_for(registry: Registry, expert: Expert, question: str) -> str:
     return registry.format_example(expert, {"input": question, "output": ""}).prompt
 
 
-def heldout_loss(model, tokenizer, registry: Registry, expert: Expert, seq_len: int) -> float:
-    """Mean loss per answer token of `expert`'s held-out set under the model's current adapter."""
-    import torch
+def heldout_batch(tokenizer, registry: Registry, expert: Expert, seq_len: int) -> dict:
+    """`expert`'s held-out set, formatted and masked exactly as in training, as one padded batch."""
     from transformers import DataCollatorForSeq2Seq
 
     records = read_records(registry.data_files(expert).heldout)
     data = tokenize([registry.format_example(expert, r) for r in records], tokenizer, seq_len)
-    batch = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)(data.rows)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)(data.rows)
+
+
+def heldout_loss(model, batch: dict) -> float:
+    """Mean loss per answer token of a held-out batch under the model's current adapter."""
+    import torch
+
     device = next(model.parameters()).device
     with torch.no_grad():
         out = model(**{k: v.to(device) for k, v in batch.items()})
@@ -73,14 +78,15 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int, streamer=None) 
 def evaluate(model, tokenizer, registry: Registry, experts: list[Expert], max_new_tokens: int, seq_len: int) -> dict:
     """Per expert: held-out loss of base and adapter, greedy samples; with several, the loss matrix."""
     results = {}
+    batches = {e.name: heldout_batch(tokenizer, registry, e, seq_len) for e in experts}
     with model.disable_adapter():
-        base_losses = {e.name: heldout_loss(model, tokenizer, registry, e, seq_len) for e in experts}
+        base_losses = {e.name: heldout_loss(model, batches[e.name]) for e in experts}
         base_answers = {e.name: [generate(model, tokenizer, prompt_for(registry, e, q), max_new_tokens)
                                  for q in registry.eval_prompts(e)] for e in experts}
     matrix = {}
     for adapter in experts:
         model.set_adapter(adapter.name)
-        matrix[adapter.name] = {e.name: heldout_loss(model, tokenizer, registry, e, seq_len) for e in experts}
+        matrix[adapter.name] = {e.name: heldout_loss(model, batches[e.name]) for e in experts}
         questions = registry.eval_prompts(adapter)
         answers = [generate(model, tokenizer, prompt_for(registry, adapter, q), max_new_tokens) for q in questions]
         base, tuned = base_losses[adapter.name], matrix[adapter.name][adapter.name]
