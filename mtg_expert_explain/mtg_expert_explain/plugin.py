@@ -10,8 +10,8 @@ plugin = PackagedExpert(
     lora=LoraSettings(rank=16, alpha=32, dropout=0.1),
     package=__package__,
     eval_prompts=[
-        "What does trample actually do when my attacker is blocked?",
-        "Why can my opponent respond to my spell but not to me playing a land?",
-        "What is the difference between hexproof and shroud?",
+        "If both players would lose the game at exactly the same moment, who wins?",
+        "Can I respond when my opponent cycles a card, and what is actually on the stack at that point?",
+        "Once I've declared my attackers, can I add another creature to the attack later in combat?",
     ],
 )

@@ -9,8 +9,8 @@ plugin = PackagedExpert(
     lora=LoraSettings(rank=16, alpha=32, dropout=0.05),
     package=__package__,
     eval_prompts=[
-        "My 60-card deck runs 24 lands. What is the chance my opening seven has at least two lands?",
-        "My opponent is at 7 life with no blockers; I have two 3/3s and a Lightning Bolt in hand. Is it lethal?",
-        "In a 40-card Limited deck with 17 lands, how likely am I to have hit my fourth land drop on turn 4 on the play?",
+        "I run 8 Mountains and 9 Forests in a 40-card deck. How likely is it that I can pay {R}{R} on turn 3 when I'm going second?",
+        "The opponent sits at 13 behind two untapped 2/2s. I swing with a 5/5 trampler, a 4/4 and a 1/1. How much damage is guaranteed to reach them?",
+        "My opponent holds 2 unknown cards; 45 of their cards are unseen, including 5 instant-speed removal spells. What are the odds my freshly cast creature survives their next turn?",
     ],
 )

@@ -10,8 +10,8 @@ plugin = PackagedExpert(
     lora=LoraSettings(rank=16, alpha=32, dropout=0.05),
     package=__package__,
     eval_prompts=[
-        "I attack with a 3/3 first striker; my opponent blocks with a 2/2 deathtouch creature. What happens?",
-        "Humility and Opalescence are both on the battlefield. What are Humility's power and toughness?",
-        "In response to my Lightning Bolt targeting their 2/2, my opponent casts Giant Growth on it. Does it survive?",
+        "After blockers, I give trample to my 2/2 that a 1/1 is blocking; the 2/2 is attacking a Siege. How much damage goes to the Siege?",
+        "I copy a spell whose X was 3 and whose extra cost was discarding a card. Must I discard again for the copy, and what is the copy's X?",
+        "My opponent takes an extra turn while my 'until your next turn' effect is active. Does my effect end during their extra turn?",
     ],
 )
