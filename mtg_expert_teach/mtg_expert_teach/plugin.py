@@ -10,8 +10,8 @@ plugin = PackagedExpert(
     lora=LoraSettings(rank=8, alpha=16, dropout=0.05),
     package=__package__,
     eval_prompts=[
-        "I just started playing. What is a mana curve and why should I care?",
-        "What's the difference between an instant and a sorcery?",
-        "How does blocking work in combat?",
+        "Some of my cards say 'Cycling {2}'. What does cycling do, and when should I cycle a card rather than keep it?",
+        "My deck makes Treasure tokens. What are they, and why do people say they help you ramp?",
+        "What does proliferate mean, and which counters does it add to?",
     ],
 )
