@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +36,7 @@ TINY_CONFIG = dict(
     tie_word_embeddings=False,
 )
 TINY_SEED = 1234
+BASE_MODEL_ENV = "MTG_BASE_MODEL"  # the default base when --base-model is not given
 TINY_LR = 2e-3  # default learning rate on the tiny base: its random weights need bigger LoRA steps than Mixtral
 # Weight matrices that must be 4-bit under --quant nf4; router, norms, embeddings and lm_head may stay bf16.
 QUANTIZED_PARTS = (".self_attn.", ".experts.")
@@ -47,6 +49,19 @@ class BaseChoice:
     name: str
     location: str
     reason: str
+
+    @property
+    def identity(self) -> str:
+        """What adapters record as their base: presets and hub ids by name, local folders by path, so an
+        adapter of a preset still matches under another HOME, MTG_CACHE_DIR, user or machine."""
+        if self.name == TINY:
+            return TINY
+        return PRESETS.get(self.name) or self.location
+
+    @property
+    def fingerprint(self) -> str | None:
+        """For the built tiny model: the hash of what determines its weights (two builds must not be confused)."""
+        return tiny_dir().name.rsplit("-", 1)[-1] if self.name == TINY else None
 
 
 @attrs.frozen
@@ -79,9 +94,23 @@ def tiny_dir() -> Path:
     return cache_dir() / f"{TINY}-{hashlib.sha256(recipe).hexdigest()[:12]}"
 
 
+@contextmanager
+def cache_errors():
+    """A cache that cannot be written (HOME read-only, MTG_CACHE_DIR a file, disk full) is one clear line."""
+    try:
+        yield
+    except OSError as exc:
+        raise BaseModelError(
+            f"cannot write the model cache {cache_dir()} ({exc.strerror or exc}); "
+            "set MTG_CACHE_DIR to a writable folder"
+        ) from None
+
+
 def default_base() -> BaseChoice:
     import torch
 
+    if os.environ.get(BASE_MODEL_ENV):
+        return choose_base(os.environ[BASE_MODEL_ENV], reason=f"set by ${BASE_MODEL_ENV}")
     if torch.cuda.is_available():
         return choose_base("mixtral-8x7b", reason=f"a CUDA GPU is present ({torch.cuda.get_device_name(0)})")
     return choose_base(TINY, reason="no CUDA GPU: the embedded tiny Mixtral trains on the CPU; pass --base-model to change")
@@ -93,6 +122,8 @@ def choose_base(name: str, reason: str = "chosen with --base-model") -> BaseChoi
         return BaseChoice(name, PRESETS[name] or str(tiny_dir()), f"{reason} (preset)")
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):  # hub ids look like "org/name"
+        if path.exists() and not path.is_dir():
+            raise BaseModelError(f"--base-model {name}: is a file; give the model's folder (config.json, *.safetensors, tokenizer), a hub id or a preset ({', '.join(PRESETS)})")
         if not path.is_dir():
             raise BaseModelError(f"--base-model {name}: no such folder; give a model folder, a hub id or a preset ({', '.join(PRESETS)})")
         if not (path / "config.json").is_file():
@@ -153,11 +184,12 @@ def ensure_tiny_mixtral() -> Path:
     )
     torch.manual_seed(TINY_SEED)
     model = MixtralForCausalLM(config)
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename, so a concurrent or interrupted build never leaves half a model.
-    staging = Path(tempfile.mkdtemp(prefix=f".{TINY}-", dir=target.parent))
-    model.save_pretrained(staging)  # transformers writes the hub layout: block_sparse_moe.experts.N.w1/w2/w3
-    tokenizer.save_pretrained(staging)
+    with cache_errors():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{TINY}-", dir=target.parent))
+        model.save_pretrained(staging)  # transformers writes the hub layout: block_sparse_moe.experts.N.w1/w2/w3
+        tokenizer.save_pretrained(staging)
     try:
         staging.rename(target)
     except OSError:  # another process built it first
@@ -215,11 +247,13 @@ def unfused_copy(folder: Path, log: Callable[[str], None]) -> Path:
     target = cache_dir() / "unfused" / hashlib.sha256(f"{folder.resolve()}|{stamp}".encode()).hexdigest()[:16]
     if not (target / "model.safetensors.index.json").is_file():
         log(f"{folder} stores its experts fused; writing a per-expert copy once to {target}")
-        staging = Path(tempfile.mkdtemp(prefix=".unfused-", dir=cache_dir()))
-        unfuse_checkpoint(folder, staging)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+        with cache_errors():
+            cache_dir().mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".unfused-", dir=cache_dir()))
+            unfuse_checkpoint(folder, staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
     return target
 
 

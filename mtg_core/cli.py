@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import signal
 import sys
+import traceback
 from contextlib import contextmanager
 import tomllib
 from pathlib import Path
@@ -14,13 +17,53 @@ import attrs
 import click
 
 from mtg_core.errors import ConfigError, MtgError
+from mtg_core.listing import expert_rows, print_table, refuse_problems
 from mtg_core.plugins import ALLOW_LIST_ENV, Registry
 
 log = logging.getLogger("mtg_core")
-CONFIG_KEYS = {
-    "expert", "all", "base_model", "data", "output_dir", "max_steps", "max_samples", "epochs", "seq_len",
-    "batch_size", "grad_accum", "lr", "seed", "quant", "save_steps",
-}
+class OneLineCommand(click.Command):
+    """click prints its usage errors (bad option values, unknown options) on four lines; ours are one line, exit 2."""
+
+    def main(self, args=None, prog_name=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            message = exc.format_message()
+            click.echo(f"error: {message[:1].lower()}{message[1:]} (see --help)", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(130)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _config_options(command: click.Command) -> dict[str, click.Option]:
+    """Config-file keys: every long option of the command, spelt with '_' or '-' (not --config itself)."""
+    keys = {}
+    for param in command.params:
+        if isinstance(param, click.Option) and param.name != "config":
+            for opt in param.opts:
+                if opt.startswith("--"):
+                    keys[opt[2:].replace("-", "_")] = param
+    return keys
+
+
+def _config_value(param: click.Option, value, ctx: click.Context):
+    """A TOML value for `param`, checked as strictly as the command line would (no bool for a number, no float for an int)."""
+    kind = param.type
+    if param.is_flag:
+        ok, expected = isinstance(value, bool), "true or false"
+    elif isinstance(kind, click.types.IntParamType):
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(kind, click.types.FloatParamType):
+        ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        ok, expected = isinstance(value, str), "a string"
+    if not ok:
+        raise click.BadParameter(f"{value!r} is not {expected}")
+    return kind.convert(value, param, ctx)
 
 
 def _read_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -33,57 +76,18 @@ def _read_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         raise click.BadParameter(f"{value}: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise click.BadParameter(f"{value}: not valid TOML ({exc})") from None
-    settings = {key.replace("-", "_"): v for key, v in settings.items()}
-    unknown = sorted(set(settings) - CONFIG_KEYS)
-    if unknown:
-        raise click.BadParameter(f"{value}: unknown option {unknown[0]!r}; known: {', '.join(sorted(CONFIG_KEYS))}")
-    ctx.default_map = {**(ctx.default_map or {}), **settings}
-    return value
-
-
-def _expert_rows(registry: Registry) -> list[dict]:
-    rows = []
-    for expert in registry.experts():
-        row = {"name": expert.name, "description": expert.info.description, "distribution": expert.distribution,
-               "version": expert.version, "rank": None, "alpha": None, "dropout": None, "examples": None,
-               "heldout_examples": None, "status": "ok", "error": expert.error}
+    options = _config_options(ctx.command)
+    defaults = {}
+    for key, setting in settings.items():
+        option = options.get(key.replace("-", "_"))
+        if option is None:
+            raise click.BadParameter(f"{value}: unknown option {key!r}; allowed: {', '.join(sorted(options))}")
         try:
-            if expert.error:
-                raise MtgError(expert.error)
-            lora = registry.lora_settings(expert)
-            files = registry.data_files(expert)
-            row.update(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
-                       examples=_count_lines(files.train), heldout_examples=_count_lines(files.heldout))
-            if row["examples"] is None:
-                raise MtgError(f"training data {files.train} is missing or unreadable; reinstall {expert.distribution}")
-        except MtgError as exc:
-            row.update(status="error", error=str(exc))
-        rows.append(row)
-    for failure in registry.failures:
-        rows.append({"name": failure.plugin, "description": None, "distribution": failure.distribution, "version": None,
-                     "rank": None, "alpha": None, "dropout": None, "examples": None, "heldout_examples": None,
-                     "status": "error", "error": failure.reason})
-    return rows
-
-
-def _count_lines(path: Path) -> int | None:
-    try:
-        return sum(1 for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip())
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def _print_table(rows: list[dict]) -> None:
-    columns = ["name", "distribution", "version", "rank", "alpha", "dropout", "examples", "status"]
-    cells = [[("-" if row[c] is None else str(row[c])) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
-    for row, line in zip(rows, cells):
-        click.echo("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
-        if row["error"]:
-            click.echo(f"    {row['error']}")
-    if not rows:
-        click.echo(f"no experts installed (pip install ./mtg_expert_<name>; ${ALLOW_LIST_ENV} may be filtering)")
+            defaults[option.name] = _config_value(option, setting, ctx)
+        except click.BadParameter as exc:
+            raise click.BadParameter(f"{value}: {key} = {exc.message}") from None
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
 
 
 def _setup_logging(output_dir: Path) -> None:
@@ -103,7 +107,7 @@ def _setup_logging(output_dir: Path) -> None:
         log.addHandler(handler)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--config", type=click.Path(dir_okay=False), callback=_read_config, is_eager=True, expose_value=False,
               help="TOML file with any of these options (names as below, without --); the command line wins.")
 @click.option("--expert", "-e", metavar="NAME", help="Expert to train (any case): see --list.")
@@ -111,6 +115,7 @@ def _setup_logging(output_dir: Path) -> None:
 @click.option("--list", "list_experts", is_flag=True, help="List installed experts and exit.")
 @click.option("--plan", "plan_only", is_flag=True, help="Print the memory the run needs (no weights load) and exit; non-zero if it does not fit.")
 @click.option("--json", "as_json", is_flag=True, help="With --list or --plan: print JSON.")
+@click.option("--strict", is_flag=True, help="With --list: exit 2 if any row is not ok (for plugin authors' CI).")
 @click.option("--base-model", metavar="NAME", help="Preset (tiny-mixtral, mixtral-8x7b, mixtral-8x7b-instruct), folder or hub id. "
               "Default: mixtral-8x7b with a CUDA GPU, tiny-mixtral otherwise.")
 @click.option("--data", type=click.Path(), help="JSONL file to train on instead of the expert's bundled data.")
@@ -132,53 +137,82 @@ def _setup_logging(output_dir: Path) -> None:
 @click.option("--force", is_flag=True, help="With --resume: resume although settings changed; without: discard an interrupted run.")
 @click.option("--eval-after", is_flag=True, help="Verify the new adapters with mtg-eval once training ends.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def train_command(expert, all_experts, list_experts, plan_only, as_json, base_model, data, output_dir, resume, force, eval_after, debug, **hyper):
+def train_command(expert, all_experts, list_experts, plan_only, as_json, strict, base_model, data, output_dir, resume, force, eval_after, debug, **hyper):
     """Train MTG reasoning-mode LoRA experts (QLoRA on Mixtral, or the embedded tiny Mixtral on a CPU)."""
     with _reported_errors(debug):
         registry = Registry.discover()
         if list_experts:
-            rows = _expert_rows(registry)
-            click.echo(json.dumps(rows, indent=2)) if as_json else _print_table(rows)
+            rows = expert_rows(registry)
+            click.echo(json.dumps(rows, indent=2)) if as_json else print_table(rows)
+            if strict:
+                refuse_problems(rows)
             return
         if plan_only:
             _plan(registry, expert, all_experts, base_model, hyper, as_json)
             return
+        _survive_closed_stderr()
         try:
             with _stop_on_signals():
-                _train(registry, expert, all_experts, base_model, data, Path(output_dir), hyper, resume, force, eval_after)
+                _train(registry, expert, all_experts, base_model, data, output_dir, hyper, resume, force, eval_after)
         except KeyboardInterrupt:
             if debug:
                 raise
             click.echo("aborted: second Ctrl-C; any earlier adapter is untouched, checkpoints so far are kept for --resume", err=True)
             sys.exit(130)
+        except _StopNow as stop:
+            click.echo(f"interrupted: stopped by {signal.Signals(stop.signum).name} outside a training step; nothing was "
+                       "half-written (adapters finished before it are installed, earlier ones untouched)", err=True)
+            sys.exit(128 + stop.signum)
 
 
 @contextmanager
 def _reported_errors(debug: bool = False):
-    """The project's errors end the command with their one-line message and exit code (--debug: traceback)."""
+    """The project's errors end the command with their one-line message and exit code (--debug: with the traceback).
+
+    OSError is the last resort for a file problem no check foresaw: still one line, naming the file.
+    """
     try:
         yield
-    except MtgError as exc:
+    except (MtgError, OSError) as exc:
         if debug:
-            raise
-        click.echo(f"{exc.label}: {exc}", err=True)
-        sys.exit(exc.exit_code)
+            traceback.print_exc()
+        if isinstance(exc, MtgError):
+            click.echo(f"{exc.label}: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"error: {where}{exc.strerror or exc}; check that it exists and is readable/writable (--debug shows where)", err=True)
+        sys.exit(2)
+
+
+class _StopNow(BaseException):
+    """A stop signal outside a training step: unwinds at once. A BaseException, like KeyboardInterrupt, so that
+    no library's `except Exception` swallows it while a model loads or a file is read."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the SSH session or terminal closed
 
 
 @contextmanager
 def _stop_on_signals():
-    """First SIGINT/SIGTERM: finish the step, checkpoint, exit 130/143. A second SIGINT stops at once."""
+    """Before training: stop at once. During a step: finish it, checkpoint, exit 128 + signal (second Ctrl-C: at once).
+    While an adapter is being saved: finish saving, then stop."""
     from mtg_core.train import STOP
 
     def request_stop(signum, frame):
+        if STOP.phase == "setup":
+            raise _StopNow(signum)
         if STOP.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         STOP.signum = signum
-        log.warning("%s received: stopping after this step and writing a checkpoint (Ctrl-C again to abort)",
-                    signal.Signals(signum).name)
+        log.warning("%s received: %s (Ctrl-C again to abort)", signal.Signals(signum).name,
+                    "stopping after this step and writing a checkpoint" if STOP.phase == "training" else "stopping once the adapter is saved")
 
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    STOP.signum = None
+    previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
+    STOP.signum, STOP.phase = None, "setup"
     try:
         yield
     finally:
@@ -186,10 +220,55 @@ def _stop_on_signals():
             signal.signal(sig, handler)
 
 
+class _StderrWithoutReader:
+    """sys.stderr that survives its reader going away (closed SSH session, `2>&1 | head`): the first failed write
+    points fd 2 at /dev/null and training goes on; training_log.txt keeps every line. Python has no such mode."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def _detach(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (BrokenPipeError, ConnectionResetError):
+            self._detach()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            self._detach()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _survive_closed_stderr() -> None:
+    try:
+        sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (e.g. captured by a test runner): nothing can break
+    if not isinstance(sys.stderr, _StderrWithoutReader):
+        sys.stderr = _StderrWithoutReader(sys.stderr)
+
+
 def _selected(registry: Registry, name, all_experts) -> list:
     if bool(name) == bool(all_experts):
         raise ConfigError("give --expert NAME or --all (see --list for the installed experts)")
-    experts = [registry.expert(name)] if name else [registry.expert(e.name) for e in registry.experts()]
+    if name:
+        return [registry.expert(name)]
+    experts = []
+    for candidate in registry.experts():  # --all: a broken third-party expert costs only itself
+        try:
+            experts.append(registry.expert(candidate.name))
+        except MtgError as exc:
+            click.echo(f"warning: --all skips {candidate.name}: {exc}", err=True)
     if not experts:
         raise ConfigError(f"no experts installed; pip install ./mtg_expert_<name> (or check ${ALLOW_LIST_ENV})")
     return experts
@@ -220,16 +299,38 @@ def _plan(registry: Registry, name, all_experts, base_model, hyper: dict, as_jso
         sys.exit(1)
 
 
-def _train(registry: Registry, name, all_experts, base_model, data, output_dir: Path, hyper: dict, resume=False, force=False, eval_after=False) -> None:
-    from mtg_core.train import TrainOptions, check_output_dir, plan_resume, prepare, tokenize_run, train_expert
+def _train(registry: Registry, name, all_experts, base_model, data, output_dir: str, hyper: dict, resume=False, force=False, eval_after=False) -> None:
+    from mtg_core.outputs import lock_for_training, require_output_dir
+    from mtg_core.train import TrainOptions, check_output_dir, prepare, rank
 
     experts = _selected(registry, name, all_experts)
     if all_experts and data:
         raise ConfigError("--data applies to one expert: use it with --expert, not --all")
+    output_dir = require_output_dir(output_dir)
     options = TrainOptions(**{k: v for k, v in hyper.items() if v is not None})
     runs = [prepare(registry, expert, options, data) for expert in experts]  # all data checked before weights load
     check_output_dir(output_dir)
+    locks = [lock_for_training(output_dir, expert.name) for expert in experts] if rank() == 0 else []  # rank 0 writes
+    try:
+        _train_locked(registry, experts, runs, base_model, output_dir, options, hyper, resume, force, eval_after)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _train_locked(registry, experts, runs, base_model, output_dir: Path, options, hyper: dict, resume, force, eval_after) -> None:
+    from mtg_core.errors import TrainingInterrupted
+    from mtg_core.outputs import check_replaceable, recover
+    from mtg_core.train import STOP, plan_resume, rank, tokenize_run, train_expert
+
+    recovered = []
+    if rank() == 0:
+        for expert in experts:
+            recover(output_dir, expert.name, recovered.append)
+            check_replaceable(output_dir, expert.name)
     _setup_logging(output_dir)
+    for line in recovered:
+        log.warning(line)
     from mtg_core.base_models import TINY, TINY_LR, choose_base, default_base, load_base, load_tokenizer
 
     choice = choose_base(base_model) if base_model else default_base()
@@ -238,19 +339,21 @@ def _train(registry: Registry, name, all_experts, base_model, data, output_dir: 
         log.warning("plugin %s (%s) not loaded: %s", failure.plugin, failure.distribution, failure.reason)
     if hyper["lr"] is None and choice.name == TINY:
         options = attrs.evolve(options, lr=TINY_LR)
-    runs = [plan_resume(run, options, output_dir, choice.location, resume, force) for run in runs]
+    runs = [plan_resume(run, options, output_dir, choice.identity, resume, force) for run in runs]
     tokenizer = load_tokenizer(choice)
     runs = [tokenize_run(run, tokenizer, options.seq_len) for run in runs]
     base = load_base(choice, options.quant, log.info, tokenizer)
-    for run in runs:
+    for done, run in enumerate(runs, 1):
         train_expert(base, registry, run, options, output_dir)
-    from mtg_core.train import rank
-
+        STOP.phase = "setup"
+        if STOP.signum is not None:  # arrived while the adapter was being saved
+            left = f"; not trained: {', '.join(r.expert.name for r in runs[done:])}" if done < len(runs) else ""
+            raise TrainingInterrupted(STOP.signum, f"stopped by {signal.Signals(STOP.signum).name} after {run.expert.name}'s adapter was saved{left}")
     if eval_after and rank() == 0:
         run_eval(registry, experts, output_dir, choice, base, max_new_tokens=48, seq_len=options.seq_len, no_fail=False)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("name")
 @click.option("--description", "-d", required=True, help="One line: what the expert does.")
 @click.option("--dest", type=click.Path(file_okay=False), default=".", show_default=True, help="Folder to create it in.")
@@ -259,8 +362,23 @@ def new_expert_command(name, description, dest):
     from mtg_core.scaffold import scaffold
 
     with _reported_errors():
-        root = scaffold(name, description, Path(dest))
+        target = Path(dest) / f"mtg_expert_{name}"
+        existed = target.exists()
+        try:
+            root = scaffold(name, description, Path(dest))
+        except OSError as exc:
+            if not existed:
+                shutil.rmtree(target, ignore_errors=True)  # no half-written package left behind
+            raise ConfigError(f"--dest {dest}: cannot create {target} there ({exc.strerror}); choose a writable folder") from None
     click.echo(f"created {root}\nnext: edit its template.txt, data/ and plugin.py, then `pip install {root}` and `mtg-train --list`")
+
+
+def _recover(adapters: Path, experts: list) -> None:
+    """Finish an adapter install that a kill interrupted (unless a live run is doing it), telling the user."""
+    from mtg_core.outputs import recover_unlocked
+
+    for expert in experts:
+        recover_unlocked(adapters, expert.name, lambda line: click.echo(f"warning: {line}", err=True))
 
 
 class EvalFailed(MtgError):
@@ -269,14 +387,18 @@ class EvalFailed(MtgError):
 
 def _base_for(adapters: Path, experts: list, base_model: str | None):
     """--base-model, else the base the (first) adapter was trained on, else the machine's default."""
-    from mtg_core.base_models import choose_base, default_base
+    from mtg_core.base_models import PRESETS, TINY, choose_base, default_base
 
     if base_model:
         return choose_base(base_model)
     for expert in experts:
         meta = adapters / expert.name / "training_meta.json"
         if meta.is_file():
-            name = json.loads(meta.read_text(encoding="utf-8"))["base_model"]["name"]
+            try:
+                recorded = json.loads(meta.read_text(encoding="utf-8"))["base_model"]
+                name = recorded["name"] if recorded["name"] == TINY or recorded["name"] in PRESETS else recorded["id"]
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+                raise ConfigError(f"{meta}: unreadable (not mtg-train's JSON record); retrain the adapter, or pass --base-model") from None
             return choose_base(name, reason=f"the base {meta} was trained on")
     return default_base()
 
@@ -287,10 +409,11 @@ def run_eval(registry: Registry, experts: list, adapters: Path, choice, base, ma
 
     from mtg_core.evaluate import attach_adapters, check_adapter, evaluate
 
-    folders = {e.name: check_adapter(adapters, e.name, choice.location) for e in experts}
+    folders = {e.name: check_adapter(adapters, e.name, choice) for e in experts}
     model = attach_adapters(base.model, folders)
     results = evaluate(model, base.tokenizer, registry, experts, max_new_tokens, seq_len)
     for name, result in results.items():
+        result["skipped_plugins"] = registry.skipped_for(name)
         target = folders[name] / "eval.json"
         target.with_suffix(".json.tmp").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         os.replace(target.with_suffix(".json.tmp"), target)
@@ -315,7 +438,7 @@ def run_eval(registry: Registry, experts: list, adapters: Path, choice, base, ma
     return results
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--expert", "-e", metavar="NAME", help="Expert whose adapter to verify.")
 @click.option("--all", "all_experts", is_flag=True, help="Every installed expert, with the held-out loss matrix.")
 @click.option("--base-model", metavar="NAME", help="Default: the base the adapter was trained on.")
@@ -331,17 +454,18 @@ def eval_command(expert, all_experts, base_model, adapters, max_new_tokens, seq_
         registry = Registry.discover()
         experts = _selected(registry, expert, all_experts)
         adapters = Path(adapters)
+        _recover(adapters, experts)
         choice = _base_for(adapters, experts, base_model)
         from mtg_core.base_models import load_base
         from mtg_core.evaluate import check_adapter
 
         for e in experts:  # before the base loads
-            check_adapter(adapters, e.name, choice.location)
+            check_adapter(adapters, e.name, choice)
         base = load_base(choice, quant, lambda line: click.echo(line, err=True))
         run_eval(registry, experts, adapters, choice, base, max_new_tokens, seq_len, no_fail)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("question", required=False)
 @click.option("--expert", "-e", metavar="NAME", help="Expert to answer with (in --interactive: the first one).")
 @click.option("--interactive", "-i", is_flag=True, help="Ask many questions; '/expert NAME' switches expert, '/quit' ends.")
@@ -360,9 +484,12 @@ def _ask(question, name, interactive, base_model, adapters: Path, max_new_tokens
     from mtg_core.base_models import load_base
     from mtg_core.evaluate import attach_adapters, check_adapter, generate, prompt_for
 
+    if question is not None and not question.strip():
+        raise ConfigError('the question is empty; ask one (e.g. mtg-ask --expert explain "What does trample do?")')
     if interactive == bool(question):
         raise ConfigError('give a question, or --interactive (e.g. mtg-ask --expert explain "What does trample do?")')
     registry = Registry.discover()
+    _recover(adapters, registry.experts() if interactive else [registry.expert(name)] if name else [])
     if interactive:
         experts = [e for e in registry.experts() if not e.error and (adapters / e.name / "adapter_config.json").is_file()]
         if not experts:
@@ -372,7 +499,7 @@ def _ask(question, name, interactive, base_model, adapters: Path, max_new_tokens
         if not experts:
             raise ConfigError("give --expert NAME (see mtg-train --list)")
     choice = _base_for(adapters, experts, base_model)
-    folders = {e.name: check_adapter(adapters, e.name, choice.location) for e in experts}
+    folders = {e.name: check_adapter(adapters, e.name, choice) for e in experts}
     base = load_base(choice, quant, lambda line: click.echo(line, err=True))
     model = attach_adapters(base.model, folders)
     from transformers import TextStreamer
@@ -394,7 +521,10 @@ def _ask(question, name, interactive, base_model, adapters: Path, max_new_tokens
     while True:
         click.echo(f"[{current.name}]> ", nl=False, err=True)
         line = stdin.readline()
-        if not line or line.strip() == "/quit":
+        if not line:
+            click.echo("", err=True)  # end of input: end the prompt's line
+            return
+        if line.strip() == "/quit":
             return
         line = line.strip()
         if line.startswith("/expert"):

@@ -22,8 +22,17 @@ def _line_of(raw: bytes, offset: int) -> int:
     return raw[:offset].count(b"\n") + 1
 
 
-def read_records(path: Path | str) -> list[dict[str, str]]:
-    """Read a JSON Lines file of {"input", "output"} string records.
+@attrs.frozen
+class JsonlFile:
+    """A data file as read: its records, the line each came from, and the SHA-256 of the bytes read."""
+
+    records: list[dict[str, str]]
+    lines: list[int]
+    sha256: str
+
+
+def read_jsonl(path: Path | str) -> JsonlFile:
+    """Read a JSON Lines file of {"input", "output"} string records, once (a pipe or FIFO can only be read once).
 
     Accepts what a user would call valid (UTF-8 BOM, CRLF, blank lines, extra keys); anything else
     raises DataError naming the file, the line and the fix.
@@ -33,7 +42,10 @@ def read_records(path: Path | str) -> list[dict[str, str]]:
         raise DataError(f"{path}: no such file; give a JSON Lines file with one {EXAMPLE} per line")
     if path.is_dir():
         raise DataError(f"{path}: is a folder; give the .jsonl file inside it")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from None
     if b"\x00" in raw:
         nul = raw.index(b"\x00")
         raise DataError(
@@ -53,7 +65,12 @@ def read_records(path: Path | str) -> list[dict[str, str]]:
             f"{path}:{lines[0][0]}: starts a JSON array; JSON Lines needs one object per line, not a list "
             "(convert with: python -c \"import json,sys; [print(json.dumps(r)) for r in json.load(sys.stdin)]\" < in > out.jsonl)"
         )
-    return [_record(path, number, line) for number, line in lines]
+    records = [_record(path, number, line) for number, line in lines]
+    return JsonlFile(records, [number for number, _ in lines], hashlib.sha256(raw).hexdigest())
+
+
+def read_records(path: Path | str) -> list[dict[str, str]]:
+    return read_jsonl(path).records
 
 
 def _record(path: Path, number: int, line: str) -> dict[str, str]:
@@ -76,10 +93,6 @@ def _record(path: Path, number: int, line: str) -> dict[str, str]:
     return {key: obj[key] for key in RECORD_KEYS}
 
 
-def file_sha256(path: Path | str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 @attrs.frozen
 class TokenizedData:
     """Token ids with prompt tokens masked out of the labels, and what truncation cost."""
@@ -88,36 +101,58 @@ class TokenizedData:
     truncated: int
     untrained: int
     trained_tokens: int
+    untrained_rows: list[int] = attrs.field(factory=list)  # indices of the examples left with no answer tokens
+
+
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token of this vocabulary can stand for (SentencePiece's '▁' is one space)."""
+    return max(len(token) for token in tokenizer.get_vocab())
 
 
 def tokenize(examples: Iterable[FormattedExample], tokenizer, seq_len: int) -> TokenizedData:
-    """Tokenise prompt (with BOS) and completion (with EOS); the loss sees only completion tokens."""
-    rows, truncated, untrained, trained = [], 0, 0, 0
-    for example in examples:
-        prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
-        completion = tokenizer(" " + example.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    """Tokenise prompt (with BOS) and completion (with EOS); the loss sees only completion tokens.
+
+    Text past what `seq_len` tokens can cover is cut before tokenising: a 50 MB record would otherwise
+    cost a minute and gigabytes to tokenise only to be truncated. (The margin keeps the first `seq_len`
+    tokens identical: no token spans more than `max_token_chars` characters.)
+    """
+    cap = (seq_len + 8) * max_token_chars(tokenizer)
+    rows, truncated, untrained, trained, untrained_rows = [], 0, 0, 0, []
+    for index, example in enumerate(examples):
+        prompt = tokenizer(example.prompt[:cap], add_special_tokens=True)["input_ids"]
+        completion = tokenizer(" " + example.completion[:cap], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         input_ids = (prompt + completion)[:seq_len]
         labels = ([IGNORE_INDEX] * len(prompt) + completion)[:seq_len]
         truncated += len(prompt) + len(completion) > seq_len
         n_trained = sum(label != IGNORE_INDEX for label in labels)
-        untrained += n_trained == 0
+        if n_trained == 0:
+            untrained += 1
+            untrained_rows.append(index)
         trained += n_trained
         rows.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
-    return TokenizedData(rows, truncated, untrained, trained)
+    return TokenizedData(rows, truncated, untrained, trained, untrained_rows)
 
 
-def check_trainable(data: TokenizedData, seq_len: int, source: str) -> None:
+def describe_lines(numbers: list[int], limit: int = 5) -> str:
+    shown = ", ".join(map(str, numbers[:limit]))
+    return f"line{'s' if len(numbers) > 1 else ''} {shown}{f' (and {len(numbers) - limit} more)' if len(numbers) > limit else ''}"
+
+
+def check_trainable(data: TokenizedData, seq_len: int, source: str, lines: list[int]) -> None:
     if data.untrained > MAX_UNTRAINED_FRACTION * len(data.rows):
+        where = describe_lines([lines[i] for i in data.untrained_rows])
         raise DataError(
-            f"{source}: {data.untrained} of {len(data.rows)} examples have no answer tokens left after truncation to "
-            f"--seq-len {seq_len}; raise --seq-len or shorten the prompts"
+            f"{source}: {data.untrained} of {len(data.rows)} examples ({where}) have no answer tokens left after "
+            f"truncation to --seq-len {seq_len}; raise --seq-len or shorten the prompts"
         )
 
 
 def load_examples(
     path: Path, format_example: Callable[[dict[str, str]], FormattedExample], max_samples: int | None = None
-) -> list[FormattedExample]:
-    records = read_records(path)
+) -> tuple[list[FormattedExample], list[int], str]:
+    """The formatted examples, the line each came from, and the SHA-256 of the file as read."""
+    data = read_jsonl(path)
+    records, lines = data.records, data.lines
     if max_samples is not None:
-        records = records[:max_samples]
-    return [format_example(record) for record in records]
+        records, lines = records[:max_samples], lines[:max_samples]
+    return [format_example(record) for record in records], lines, data.sha256

@@ -19,13 +19,39 @@ class AdapterError(MtgError):
     """An adapter folder is missing, incomplete, or was trained on another base."""
 
 
-def check_adapter(adapters: Path, expert: str, base_location: str) -> Path:
+def check_adapter(adapters: Path, expert: str, choice) -> Path:
+    """Everything about an adapter folder that can be checked before the base loads: files whole, trained on `choice`."""
+    from mtg_core.outputs import META, json_problem, safetensors_problem
+
     folder = adapters / expert
+    retrain = f"retrain it with: mtg-train --expert {expert} --output-dir {adapters}"
     if not (folder / "adapter_config.json").is_file():
         raise AdapterError(f"{folder}: no adapter (adapter_config.json missing); train it with: mtg-train --expert {expert} --output-dir {adapters}")
-    trained_on = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    if trained_on and Path(trained_on).resolve() != Path(base_location).resolve() and trained_on != base_location:
-        raise AdapterError(f"{folder} was trained on {trained_on}, not on {base_location}; pass --base-model {trained_on} or retrain it")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.exists() and (folder / "adapter_model.bin").exists():
+        raise AdapterError(f"{folder}/adapter_model.bin: a pickle file (loading one can run code); only adapter_model.safetensors is loaded; {retrain}")
+    problem = safetensors_problem(weights)
+    if problem:
+        raise AdapterError(f"{weights} {problem}; {retrain}")
+    config_file = folder / "adapter_config.json"
+    problem = json_problem(config_file)
+    config = {} if problem else json.loads(config_file.read_text(encoding="utf-8"))
+    if problem or config.get("peft_type") != "LORA" or not isinstance(config.get("r"), int) or not config.get("target_modules"):
+        raise AdapterError(f"{config_file} {problem or 'is not a peft LoRA config (peft_type, r, target_modules)'}; {retrain}")
+    meta = {}
+    if (folder / META).exists():
+        problem = json_problem(folder / META)
+        if problem:
+            raise AdapterError(f"{folder / META} {problem}; {retrain}")
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    trained_on = config.get("base_model_name_or_path")
+    same = not trained_on or trained_on in (choice.identity, choice.location) or (
+        Path(trained_on).is_absolute() and Path(trained_on).resolve() == Path(choice.location).resolve())
+    if not same:
+        raise AdapterError(f"{folder} was trained on {trained_on}, not on {choice.identity}; pass --base-model {trained_on} or retrain it")
+    recorded = meta.get("base_model", {}).get("fingerprint") if isinstance(meta.get("base_model"), dict) else None
+    if recorded and choice.fingerprint and recorded != choice.fingerprint:
+        raise AdapterError(f"{folder} was trained on another build of {choice.name} (recipe {recorded}, this one {choice.fingerprint}); {retrain}")
     return folder
 
 

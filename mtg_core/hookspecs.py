@@ -1,8 +1,10 @@
 """Hook specifications: everything an expert plugin can tell mtg_core.
 
-Hooks that describe one expert take its name and are `firstresult`: the plugin that registered the
-expert answers, every other plugin returns None. Hooks that collect (evaluation prompts, trainer
-callbacks) are called on every plugin, so a cross-cutting plugin can add to every expert.
+Hooks that describe one expert take its name (a str) and are `firstresult`: mtg_core asks them of
+the plugin that registered the expert alone; every other plugin returns None. Hooks that collect
+(evaluation prompts, trainer callbacks) are called on every plugin, so a cross-cutting plugin can add
+to every expert; a wrong answer skips that plugin only (mtg_core.plugins checks every answer).
+Implementations need `@hookimpl`.
 """
 
 from __future__ import annotations

@@ -25,8 +25,9 @@ def scaffold(name: str, description: str, parent: Path) -> Path:
     """Create parent/mtg_expert_<name>/ and return it; refuses to touch an existing folder."""
     if not EXPERT_NAME.match(name):
         raise ConfigError(f"expert name {name!r} is invalid: use 1-40 lowercase letters, digits or '_', starting with a letter")
-    if not description.strip() or any(c in description for c in '\n"\\$'):
-        raise ConfigError("--description must be one non-empty line without quotes, backslashes or '$'")
+    # it is pasted into pyproject.toml, plugin.py and template.txt (filled with str.format): no quoting there
+    if not description.strip() or any(c in description for c in '\n"\\${}'):
+        raise ConfigError("--description must be one non-empty line without quotes, backslashes, '$' or braces")
     values = {"name": name, "NAME": name.upper(), "package": f"mtg_expert_{name}", "description": description.strip()}
     root = Path(parent) / values["package"]
     if root.exists():

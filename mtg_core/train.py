@@ -17,14 +17,20 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 import attrs
 
-from mtg_core.data import TokenizedData, check_trainable, file_sha256, load_examples, tokenize
+from mtg_core.data import TokenizedData, check_trainable, describe_lines, load_examples, tokenize
 from mtg_core.errors import ConfigError, OutOfMemory, TrainingInterrupted
 from mtg_core.experts import FormattedExample, LoraSettings
+from mtg_core.outputs import (
+    OutputError, checkpoint_problem, install, is_complete_adapter, is_ours, is_write_failure, json_problem, work_dir,
+    write_failure_reason,
+)
 from mtg_core.plugins import Expert, Registry
 
 log = logging.getLogger("mtg_core")
@@ -47,7 +53,6 @@ class TrainOptions:
 
 
 KEPT_CHECKPOINTS = 3
-CHECKPOINT_DONE = "trainer_state.json"  # the Trainer writes it last: a checkpoint without it is incomplete
 
 
 @attrs.frozen
@@ -59,6 +64,7 @@ class PreparedRun:
     data_path: Path
     data_sha256: str
     examples: list[FormattedExample]
+    lines: list[int]  # the data file's line of each example, for messages
     resume_from: Path | None = None
     data: TokenizedData | None = None
 
@@ -66,18 +72,19 @@ class PreparedRun:
 def prepare(registry: Registry, expert: Expert, options: TrainOptions, data: Path | None) -> PreparedRun:
     lora = registry.lora_settings(expert)
     data_path = Path(data) if data else registry.data_files(expert).train
-    examples = load_examples(data_path, lambda record: registry.format_example(expert, record), options.max_samples)
-    return PreparedRun(expert, lora, data_path, file_sha256(data_path), examples)
+    examples, lines, sha256 = load_examples(data_path, lambda record: registry.format_example(expert, record), options.max_samples)
+    return PreparedRun(expert, lora, data_path, sha256, examples, lines)
 
 
 def tokenize_run(run: PreparedRun, tokenizer, seq_len: int) -> PreparedRun:
     """Tokenise with the base's tokenizer and refuse data that would leave nothing to learn."""
     data = tokenize(run.examples, tokenizer, seq_len)
     log.info(
-        "%s: %d examples from %s; %d truncated to %d tokens, %d with no answer tokens, %d answer tokens to learn",
-        run.expert.name, len(data.rows), run.data_path, data.truncated, seq_len, data.untrained, data.trained_tokens,
+        "%s: %d examples from %s; %d truncated to %d tokens, %d with no answer tokens%s, %d answer tokens to learn",
+        run.expert.name, len(data.rows), run.data_path, data.truncated, seq_len, data.untrained,
+        f" ({describe_lines([run.lines[i] for i in data.untrained_rows])})" if data.untrained else "", data.trained_tokens,
     )
-    check_trainable(data, seq_len, str(run.data_path))
+    check_trainable(data, seq_len, str(run.data_path), run.lines)
     return attrs.evolve(run, data=data)
 
 
@@ -85,21 +92,28 @@ def step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.removeprefix("checkpoint-"))
 
 
-def work_dir(output_dir: Path, expert: str) -> Path:
-    """Where a run trains and checkpoints; it becomes DIR/<expert>/ only when the run succeeds."""
-    return output_dir / f".{expert}.partial"
+def checkpoints(work: Path) -> list[Path]:
+    """The work folder's checkpoints, newest first (whole or not: see resumable_checkpoint)."""
+    found = [p for p in work.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()] if work.is_dir() else []
+    return sorted(found, key=step_of, reverse=True)
 
 
-def newest_checkpoint(work: Path) -> Path | None:
-    done = [p for p in work.glob("checkpoint-*") if (p / CHECKPOINT_DONE).is_file() and p.name.split("-")[-1].isdigit()]
-    return max(done, key=step_of, default=None)
+def resumable_checkpoint(work: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint whose every file --resume needs is present and whole, and why newer ones were passed over."""
+    passed_over = []
+    for checkpoint in checkpoints(work):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint, passed_over
+        passed_over.append(f"{checkpoint.name}: {problem}")
+    return None, passed_over
 
 
-def run_identity(run: PreparedRun, options: TrainOptions, base_location: str) -> dict:
+def run_identity(run: PreparedRun, options: TrainOptions, base_identity: str) -> dict:
     """What a checkpoint means: resuming with any of these changed would train something else."""
     return {
         "expert": run.expert.name,
-        "base_model": base_location,
+        "base_model": base_identity,
         "rank": run.lora.rank,
         "alpha": run.lora.alpha,
         "dropout": run.lora.dropout,
@@ -113,30 +127,43 @@ def run_identity(run: PreparedRun, options: TrainOptions, base_location: str) ->
     }
 
 
-def plan_resume(run: PreparedRun, options: TrainOptions, output_dir: Path, base_location: str, resume: bool, force: bool) -> PreparedRun:
+def plan_resume(run: PreparedRun, options: TrainOptions, output_dir: Path, base_identity: str, resume: bool, force: bool) -> PreparedRun:
     """Decide, before any weights load, whether this run continues a checkpoint or starts afresh."""
     work = work_dir(output_dir, run.expert.name)
-    checkpoint = newest_checkpoint(work) if work.is_dir() else None
+    name = run.expert.name
     if not resume:
-        if checkpoint and not force:
+        if is_complete_adapter(work / "adapter") and not force:
+            raise OutputError(
+                f"{work / 'adapter'} is a finished {name} adapter that could not be installed; move it elsewhere, "
+                "or pass --force to discard it"
+            )
+        existing = [c for c in checkpoints(work) if (c / "trainer_state.json").is_file()]
+        if existing and not force:
             raise ConfigError(
-                f"{work} holds an interrupted run of {run.expert.name} (step {step_of(checkpoint)}); "
+                f"{work} holds an interrupted run of {name} (step {step_of(existing[0])}); "
                 "continue it with --resume, or pass --force to discard it"
             )
         if rank() == 0:  # every rank decides alike; only rank 0 touches the disk
             shutil.rmtree(work, ignore_errors=True)
         return run
+    checkpoint, passed_over = resumable_checkpoint(work)
     if checkpoint is None:
+        why = f" ({'; '.join(passed_over)})" if passed_over else ""
         raise ConfigError(
-            f"nothing to resume for {run.expert.name}: no complete checkpoint in {work} "
-            "(checkpoints are written every --save-steps N steps and when a run is interrupted)"
+            f"nothing to resume for {name}: no complete checkpoint in {work}{why}; "
+            "checkpoints are written every --save-steps N steps and when a run is interrupted; pass --force without --resume to start over"
         )
+    for note in passed_over:
+        log.warning("%s: not resuming from %s; using %s", name, note, checkpoint.name)
     identity = work / "run.json"
-    saved = json.loads(identity.read_text(encoding="utf-8")) if identity.is_file() else {}
-    changed = {k: (saved.get(k), v) for k, v in run_identity(run, options, base_location).items() if saved.get(k) != v}
+    problem = json_problem(identity)
+    if problem and not force:
+        raise ConfigError(f"cannot resume {name}: {identity} {problem}, so the run's settings are unknown; pass --force to resume anyway")
+    saved = {} if problem else json.loads(identity.read_text(encoding="utf-8"))
+    changed = {k: (saved.get(k), v) for k, v in run_identity(run, options, base_identity).items() if saved.get(k) != v}
     if changed and not force:
         what = "; ".join(f"{k} was {old!r}, now {new!r}" for k, (old, new) in changed.items())
-        raise ConfigError(f"cannot resume {run.expert.name} from {checkpoint}: {what}; pass --force to resume anyway")
+        raise ConfigError(f"cannot resume {name} from {checkpoint}: {what}; pass --force to resume anyway")
     return attrs.evolve(run, resume_from=checkpoint)
 
 
@@ -150,9 +177,14 @@ def world_size() -> int:
 
 
 class StopRequest:
-    """Set by SIGINT/SIGTERM; the training loop stops after the current step and checkpoints."""
+    """What a stop signal (SIGINT, SIGTERM, SIGHUP) should do now, and the signal once one arrived.
+
+    phase "setup": stop at once, nothing to keep; "training": finish the step, checkpoint, stop;
+    "saving": finish writing the adapter, then stop.
+    """
 
     signum: int | None = None
+    phase: str = "setup"
 
 
 STOP = StopRequest()
@@ -177,13 +209,20 @@ def memory_plan(choice, lora: LoraSettings, options: TrainOptions):
 
 
 def check_output_dir(output_dir: Path) -> None:
-    """Fail before loading weights when the adapters folder cannot be written."""
+    """Fail before loading weights when the adapters folder or its log cannot be written."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=output_dir):
             pass
     except OSError as exc:
         raise ConfigError(f"--output-dir {output_dir}: cannot write there ({exc.strerror}); choose a writable folder") from None
+    log_file = output_dir / "training_log.txt"
+    try:
+        if log_file.exists() or log_file.is_symlink():  # a new one is created once the run starts
+            with log_file.open("a", encoding="utf-8"):
+                pass
+    except OSError as exc:
+        raise ConfigError(f"{log_file}: cannot append the training log to it ({exc.strerror}); move it away or choose another --output-dir") from None
 
 
 def memory_stats() -> dict[str, float]:
@@ -269,7 +308,10 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
         task_type="CAUSAL_LM",
     )
     torch.manual_seed(options.seed)  # LoRA A matrices are drawn here
-    model = get_peft_model(base.model, lora_config)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` alias: expected, not the user's to fix.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = get_peft_model(base.model, lora_config)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("%s: LoRA rank %d alpha %g dropout %g on %s: %d trainable of %d parameters",
              expert.name, run.lora.rank, run.lora.alpha, run.lora.dropout, ",".join(run.lora.target_modules), trainable, total)
@@ -281,13 +323,17 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
     cuda = base.device == "cuda"
     work = work_dir(output_dir, expert.name)
     main_process = rank() == 0  # under torchrun only rank 0 writes checkpoints, logs and the adapter
-    work.mkdir(exist_ok=True)
-    if main_process:
-        (work / "run.json").write_text(json.dumps(run_identity(run, options, base.choice.location), indent=2), encoding="utf-8")
-    log.info("%s: global batch %d = %d per device x %d accumulation x %d processes", expert.name,
-             options.batch_size * options.grad_accum * world_size(), options.batch_size, options.grad_accum, world_size())
-    finished = False
+    final = output_dir / expert.name
+    if run.resume_from:
+        _check_checkpoint_shapes(model, run.resume_from)
+    finished = kept = False
     try:
+        with _write_errors(f"{work}", "the previous adapter is unchanged"):
+            work.mkdir(exist_ok=True)
+            if main_process:
+                (work / "run.json").write_text(json.dumps(run_identity(run, options, base.choice.identity), indent=2), encoding="utf-8")
+        log.info("%s: global batch %d = %d per device x %d accumulation x %d processes", expert.name,
+                 options.batch_size * options.grad_accum * world_size(), options.batch_size, options.grad_accum, world_size())
         args = TrainingArguments(
             output_dir=str(work),
             num_train_epochs=options.epochs,
@@ -297,7 +343,8 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
             learning_rate=options.lr,
             lr_scheduler_type="cosine",
             warmup_steps=0.03,
-            optim="paged_adamw_8bit",
+            # Paged 8-bit AdamW (QLoRA's) on CUDA; on the CPU bitsandbytes has no paging and says so on every run.
+            optim="paged_adamw_8bit" if cuda else "adamw_bnb_8bit",
             activation_checkpointing=True,
             activation_checkpointing_kwargs={"use_reentrant": False},
             bf16=base.compute_dtype == "bfloat16",
@@ -320,23 +367,31 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
             callbacks=[*own_callbacks, *registry.trainer_callbacks(expert)],
         )
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(ProgressBarOnly)
+        progress = ProgressBarOnly()
+        trainer.add_callback(progress)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         if run.resume_from:
             log.info("%s: resumed from step %d (%s)", expert.name, step_of(run.resume_from), run.resume_from)
         started = time.perf_counter()
+        STOP.phase = "training"
         try:
-            result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+            with _write_errors(f"a checkpoint in {work}", "the previous adapter is unchanged"):
+                result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
         except torch.OutOfMemoryError:
             raise OutOfMemory(
                 f"out of GPU memory at step {trainer.state.global_step} (planned {plan.total_bytes / 1024**3:.2f} GiB of "
                 f"{plan.device_free_bytes / 1024**3:.2f} GiB free; {memory_stats()}); see mtg-train --plan; lower --batch-size "
                 f"(now {options.batch_size}, raise --grad-accum to keep the batch) or --seq-len (now {options.seq_len})"
             ) from None
+        finally:
+            STOP.phase = "saving"
+            if getattr(progress, "training_bar", None) is not None:
+                progress.training_bar.close()  # before any error line, not after it
+                progress.training_bar = None
         wall = time.perf_counter() - started
         if STOP.signum is not None:
-            checkpoint = newest_checkpoint(work)
+            checkpoint, _ = resumable_checkpoint(work)
             raise TrainingInterrupted(
                 STOP.signum,
                 f"stopped by {signal.Signals(STOP.signum).name} at step {trainer.state.global_step}; checkpoint in "
@@ -346,17 +401,18 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
         if not main_process:
             finished = True
             return {}
-        final = work / "adapter"
+        new = work / "adapter"
         # Dropout only acts while training (training_meta.json keeps the value used). Saved as 0 because
         # peft maps per-expert LoRA onto transformers 5's fused experts with ParamWrapper, which refuses
         # dropout != 0: with it, the adapter would not load with plain peft on the stock Mixtral.
         model.peft_config["default"].lora_dropout = 0.0
-        model.save_pretrained(final)
-        shutil.move(work / "runs", final / "runs")
+        # The base by name (preset or hub id), not by this machine's cache path: the adapter stays valid elsewhere.
+        model.peft_config["default"].base_model_name_or_path = base.choice.identity
         meta = {
             "expert": expert.name,
             "plugin": {"name": expert.plugin, "distribution": expert.distribution, "version": expert.version},
-            "base_model": {"name": base.choice.name, "location": base.choice.location},
+            "base_model": {"name": base.choice.name, "id": base.choice.identity, "location": base.choice.location,
+                           **({"fingerprint": base.choice.fingerprint} if base.choice.fingerprint else {})},
             "hyperparameters": {**attrs.asdict(options), **attrs.asdict(run.lora), "target_modules": list(run.lora.target_modules)},
             "data": {
                 "path": str(run.data_path),
@@ -377,34 +433,63 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
                 **({"cuda_peak_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 4)} if cuda else {}),
             },
             "memory_plan": plan.as_dict(),
+            "skipped_plugins": registry.skipped_for(expert.name),
             "quantization": attrs.asdict(base.quantization, filter=lambda a, v: a.name != "first_unquantized"),
             "device": base.device,
             "compute_dtype": base.compute_dtype,
             "versions": _versions(),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        (final / "training_meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(final, output_dir / expert.name)
+        with _write_errors(f"the new adapter in {new}", "the previous adapter is unchanged"):
+            shutil.rmtree(new, ignore_errors=True)
+            model.save_pretrained(new, save_embedding_layers=False)  # no hub lookup: embeddings are never trained here
+            shutil.move(work / "runs", new / "runs")
+            (new / "training_meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")  # written last: complete
+        if final.exists() or final.is_symlink():
+            reason = is_ours(final, expert.name)  # checked before training too; the user may have added files since
+            if reason:
+                kept = True
+                raise OutputError(f"{final} {reason}, so it was not replaced; the new adapter is complete in {new}: move it where you want it")
+        try:
+            install(new, final)
+        except OSError as exc:
+            raise OutputError(f"{final}: cannot be replaced ({exc.strerror}); it is unchanged and the new adapter was discarded") from None
         finished = True
         if cuda:
             log.info("%s: peak CUDA memory %.3f GiB, planned %.3f GiB", expert.name,
                      meta["peak_memory"]["cuda_peak_gib"], (plan.total_bytes - plan.overhead_bytes) / 1024**3)
-        log.info("%s: adapter saved to %s (loss %.4f -> %.4f in %.1fs)", expert.name, output_dir / expert.name,
-                 meta["first_loss"], meta["final_loss"], wall)
+        log.info("%s: adapter saved to %s (loss %.4f -> %.4f in %.1fs)", expert.name, final, meta["first_loss"], meta["final_loss"], wall)
         return meta
     finally:
         # A run that checkpointed keeps its work folder for --resume; anything else leaves no trace.
-        if main_process and (finished or newest_checkpoint(work) is None):
+        if main_process and not kept and (finished or not any((c / "trainer_state.json").is_file() for c in checkpoints(work))):
             shutil.rmtree(work, ignore_errors=True)
         base.model = model.unload()  # the next expert of --all starts from the same, untouched base
 
 
-def _replace_dir(new: Path, final: Path) -> None:
-    """Swap `new` in for `final`; the old adapter stays whole until the new one is complete on disk."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-    new.rename(final)
-    if old is not None:
-        shutil.rmtree(old)
+@contextmanager
+def _write_errors(what: str, consequence: str):
+    """Disk full, a file-size limit or a permission error while writing becomes one line naming what and where."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_write_failure(exc):
+            raise
+        raise OutputError(f"cannot write {what}: {write_failure_reason(exc)}; free space or fix permissions there ({consequence})") from None
+
+
+def _check_checkpoint_shapes(model, checkpoint: Path) -> None:
+    """Refuse, before training starts, a checkpoint whose LoRA shapes do not fit this model (another base or rank)."""
+    from safetensors import safe_open
+
+    params = {name.replace(".default.", "."): p for name, p in model.named_parameters() if "lora_" in name}
+    with safe_open(checkpoint / "adapter_model.safetensors", framework="pt") as saved:
+        for key in saved.keys():
+            shape = tuple(saved.get_slice(key).get_shape())
+            param = params.get(key)
+            if param is None or tuple(param.shape) != shape:
+                have = "absent" if param is None else f"{tuple(param.shape)}"
+                raise ConfigError(
+                    f"cannot resume from {checkpoint}: its {key} has shape {shape}, this model's is {have} "
+                    "(trained on another base or rank); start over with --force and without --resume"
+                )

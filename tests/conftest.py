@@ -18,6 +18,7 @@ EXPERTS = ("reason", "explain", "teach", "predict", "retrospect")
 def offline_cache(tmp_path_factory):
     """Tests never touch the network or the user's cache: the tiny model is built once per session."""
     os.environ["MTG_CACHE_DIR"] = str(tmp_path_factory.mktemp("mtg-cache"))
+    os.environ["MTG_BASE_MODEL"] = "tiny-mixtral"  # on a CUDA machine the default would be Mixtral-8x7B
     os.environ.pop("MTG_PLUGINS", None)
 
 

@@ -87,3 +87,61 @@ def test_unwritable_output_dir_is_refused_before_the_model_loads(tmp_path):
     blocker.write_text("x")
     result = run("--expert", "explain", "--output-dir", str(blocker / "adapters"))
     assert result.exit_code == 2 and "cannot write there" in result.output
+
+
+def test_config_values_of_the_wrong_type_are_refused_naming_file_key_and_value(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("mtg_core.cli._train", lambda registry, name, all_experts, base, data, out, hyper, *flags: seen.update(
+        hyper, expert=name, all=all_experts, data=data, flags=flags))
+    config = tmp_path / "run.toml"
+    for text, message in [
+        ("seq_len = [128]", "seq_len = [128] is not an integer"),
+        ("data = 5", "data = 5 is not a string"),
+        ("lr = true", "lr = True is not a number"),
+        ("max_steps = 2.5", "max_steps = 2.5 is not an integer"),
+        ("all = 1", "all = 1 is not true or false"),
+        ('quant = "nf8"', "quant = 'nf8' is not one of 'nf4', 'none'"),
+    ]:
+        config.write_text(text + "\n")
+        result = run("--config", str(config), "--expert", "teach")
+        assert result.exit_code == 2, text
+        assert result.output.startswith(f"error: invalid value for '--config': {config}: {message}"), result.output
+        assert len(result.output.strip().splitlines()) == 1
+    config.write_text("all = true\nresume = true\nforce = true\neval-after = true\ndebug = false\nlr = 1\n")
+    assert run("--config", str(config)).exit_code == 0
+    assert seen["all"] is True and seen["flags"] == (True, True, True) and seen["lr"] == 1.0
+    config.write_text("learning_rate = 0.1\n")
+    result = run("--config", str(config))
+    assert result.exit_code == 2 and "allowed: all, base_model, batch_size, data, debug, epochs, eval_after, expert, force" in result.output
+
+
+def test_usage_errors_are_one_line_and_debug_keeps_the_exit_code(tmp_path):
+    for args in (["--lr", "0"], ["--no-such-option"], ["--quant", "int3"]):
+        result = subprocess.run([*MTG_TRAIN, "--expert", "teach", *args], capture_output=True, text=True)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stderr.startswith("error: ") and result.stderr.strip().endswith("(see --help)")
+    plain = subprocess.run([*MTG_TRAIN, "--expert", "nosuch"], capture_output=True, text=True)
+    debug = subprocess.run([*MTG_TRAIN, "--expert", "nosuch", "--debug"], capture_output=True, text=True)
+    assert plain.returncode == debug.returncode == 2
+    assert "Traceback" in debug.stderr and debug.stderr.strip().splitlines()[-1] == plain.stderr.strip()
+
+
+def test_a_file_given_as_base_model_and_an_unwritable_dest_are_named(tmp_path):
+    from mtg_core.cli import new_expert_command
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"x")
+    result = run("--expert", "teach", "--base-model", str(weights), "--plan")
+    assert result.exit_code == 2 and f"--base-model {weights}: is a file; give the model's folder" in result.output
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    result = CliRunner().invoke(new_expert_command, ["judge", "-d", "Judges", "--dest", str(blocker / "sub")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip() == f"error: --dest {blocker / 'sub'}: cannot create {blocker / 'sub' / 'mtg_expert_judge'} there (Not a directory); choose a writable folder"
+
+
+def test_ask_refuses_an_empty_question():
+    from mtg_core.cli import ask_command
+
+    result = CliRunner().invoke(ask_command, ["--expert", "teach", "   "])
+    assert result.exit_code == 2 and result.output.strip().startswith("error: the question is empty")

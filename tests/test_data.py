@@ -102,10 +102,10 @@ def test_bundled_expert_data_is_valid_varied_and_unique():
     for name in EXPERTS:
         files = registry.data_files(registry.expert(name))
         train, heldout = read_records(files.train), read_records(files.heldout)
-        assert len(train) >= 60 and len(heldout) >= 12, name
+        assert len(train) >= 120 and len(heldout) >= 24, name
         for path in (files.train, files.heldout):
             rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-            assert all(set(row) == {"input", "output"} for row in rows), path
+            assert all({"input", "output", "cards"} <= set(row) <= {"input", "output", "cards", "checks"} for row in rows), path
         inputs = [r["input"].strip().lower() for r in train + heldout]
         assert len(set(inputs)) == len(inputs), f"{name}: duplicate inputs"
         outputs = [r["output"].strip().lower() for r in train + heldout]
@@ -113,3 +113,37 @@ def test_bundled_expert_data_is_valid_varied_and_unique():
         all_inputs.update(set(inputs))
         assert sum(bool(RULE_NUMBER.search(r["output"])) for r in train) >= 10, f"{name}: too few rule citations"
     assert max(all_inputs.values()) == 1, "the same question appears in two experts"
+
+
+class CountingTokenizer:
+    """The real tokenizer, recording the longest text it was asked to tokenise."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.longest = tokenizer, 0
+
+    def __call__(self, text, **kwargs):
+        self.longest = max(self.longest, len(text))
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_huge_record_is_cut_before_tokenising_with_the_same_tokens_and_its_line_named(tmp_path):
+    from transformers import AutoTokenizer
+
+    from mtg_core.base_models import TOKENIZER_DIR
+    from mtg_core.data import check_trainable, max_token_chars
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    words = " ".join(f"mana{i} trample" for i in range(40000))  # ~600 KB: still cheap to tokenise whole for reference
+    reference = tokenize([FormattedExample("Q: " + words, "an answer")], tokenizer, seq_len=64)
+    spy = CountingTokenizer(tokenizer)
+    cut = tokenize([FormattedExample("Q: " + words, "an answer")], spy, seq_len=64)
+    assert cut.rows == reference.rows and spy.longest <= (64 + 8) * max_token_chars(tokenizer) + 1
+    examples = [FormattedExample("short question", "short answer")] * 8
+    examples[1] = examples[5] = FormattedExample("Q: " + words, "an answer")
+    data = tokenize(examples, tokenizer, seq_len=64)
+    assert data.untrained_rows == [1, 5]
+    with pytest.raises(DataError, match=r"data.jsonl: 2 of 8 examples \(lines 3, 9\) have no answer tokens left"):
+        check_trainable(data, 64, "data.jsonl", [1, 3, 4, 5, 6, 9, 10, 11])

@@ -56,6 +56,8 @@ def test_ask_switches_experts_without_reloading_the_base(adapters, count_base_lo
     assert len(count_base_loads) == 1
     assert "[explain]> " in result.output and "[teach]> " in result.output and "[predict]> " in result.output
     assert "no adapter loaded for 'nosuch'" in result.output
+    ended = CliRunner().invoke(ask_command, ["--interactive", "--adapters", str(out), "--max-new-tokens", "2"], input="What is ward?\n")
+    assert ended.exit_code == 0 and ended.output.endswith("]> \n")  # end of input ends the prompt's line
     single = CliRunner().invoke(ask_command, ["--expert", "teach", "--adapters", str(out), "--max-new-tokens", "6", "What is a mulligan?"])
     assert single.exit_code == 0 and single.output.strip()
 

@@ -121,3 +121,55 @@ def test_out_of_memory_is_one_message_with_the_settings_to_change(tmp_path, monk
     assert result.exit_code == 3 and "Traceback" not in result.output
     assert "out of GPU memory at step 0" in result.output and "lower --batch-size (now 2" in result.output and "--seq-len (now 192)" in result.output
     assert not any(tmp_path.glob(".explain*"))
+
+
+def test_resume_passes_over_incomplete_or_corrupt_checkpoints_and_says_so(tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:
+        add_plugin(patch, SignalAt(4))
+        assert train(*SMALL, "--output-dir", str(tmp_path), "--save-steps", "1").exit_code == 130
+    work = tmp_path / ".explain.partial"
+    assert sorted(p.name for p in work.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    (work / "checkpoint-4" / "optimizer.pt").unlink()
+    weights = work / "checkpoint-3" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    resumed = train(*SMALL, "--output-dir", str(tmp_path), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    log = (tmp_path / "training_log.txt").read_text()
+    assert "not resuming from checkpoint-4: optimizer.pt is missing; using checkpoint-2" in log
+    assert "not resuming from checkpoint-3: adapter_model.safetensors is truncated; using checkpoint-2" in log
+    assert "resumed from step 2" in log
+
+
+def test_resume_refuses_without_a_whole_checkpoint_or_with_a_corrupt_run_record(tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:
+        add_plugin(patch, SignalAt(2))
+        assert train(*SMALL, "--output-dir", str(tmp_path)).exit_code == 130
+    work = tmp_path / ".explain.partial"
+    (work / "run.json").write_text("{ not json")
+    result = train(*SMALL, "--output-dir", str(tmp_path), "--resume")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: cannot resume explain: {work / 'run.json'} is not valid JSON, so the run's settings are unknown; pass --force to resume anyway")
+    (work / "checkpoint-2" / "scheduler.pt").write_bytes(b"PK\x03\x04 truncated")
+    result = train(*SMALL, "--output-dir", str(tmp_path), "--resume")
+    assert result.exit_code == 2
+    assert "nothing to resume for explain: no complete checkpoint" in result.output and "(checkpoint-2: scheduler.pt is truncated or not a torch file)" in result.output
+
+
+def test_resume_onto_a_base_of_another_size_is_one_line(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    from mtg_core.base_models import TINY_CONFIG, TOKENIZER_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    other = tmp_path / "narrow-mixtral"
+    MixtralForCausalLM(MixtralConfig(vocab_size=len(tokenizer), **{**TINY_CONFIG, "hidden_size": 64, "intermediate_size": 128})).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    with monkeypatch.context() as patch:
+        add_plugin(patch, SignalAt(2))
+        assert train(*SMALL, "--output-dir", str(tmp_path)).exit_code == 130
+    result = train(*SMALL, "--output-dir", str(tmp_path), "--resume", "--force", "--base-model", str(other))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot resume from {tmp_path / '.explain.partial' / 'checkpoint-2'}: its ") and "(trained on another base or rank)" in last
+    assert (tmp_path / ".explain.partial" / "checkpoint-2" / "trainer_state.json").is_file()  # kept for a resume on the right base

@@ -1,13 +1,17 @@
 """A third party's path: scaffold a new expert outside the repo, pip install it, see it listed, train it."""
 
 import json
+import logging
 import subprocess
 import sys
 from importlib.metadata import distributions
 
 import pytest
+from click.testing import CliRunner
 
-from conftest import MTG_TRAIN, ROOT, cli_env
+from conftest import EXPERTS, MTG_TRAIN, ROOT, add_plugin, cli_env
+from mtg_core import hookimpl
+from mtg_core.cli import eval_command, train_command
 from mtg_core.errors import ConfigError
 from mtg_core.scaffold import scaffold
 
@@ -56,3 +60,75 @@ def test_scaffold_refuses_bad_names_and_existing_folders(tmp_path):
         scaffold("ok", "fine", tmp_path)
     with pytest.raises(ConfigError, match="without quotes"):
         scaffold("other", 'say "hi"', tmp_path)
+    with pytest.raises(ConfigError, match="or braces"):
+        scaffold("other", "cards like {card}", tmp_path)
+
+
+def test_a_package_built_without_its_data_is_listed_with_the_package_data_fix(tmp_path):
+    root = scaffold("judge", "Tournament judge calls", tmp_path / "src")
+    pyproject = root / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().split("[tool.setuptools.package-data]")[0])
+    site = tmp_path / "site"
+    pip_install(site, root)
+    rows = {row["name"]: row for row in json.loads(subprocess.run([*MTG_TRAIN, "--list", "--json"], env=cli_env(site),
+                                                                  capture_output=True, text=True, check=True).stdout)}
+    assert all(rows[name]["status"] == "ok" for name in EXPERTS)
+    assert rows["judge"]["status"] == "error"
+    assert "template.txt: no such file; if the package was installed without it, add \"template.txt\" to " \
+           "[tool.setuptools.package-data] mtg_expert_judge in its pyproject.toml" in rows["judge"]["error"]
+    assert "judge_examples.jsonl: no such file, the training data" in rows["judge"]["error"]
+    trained = subprocess.run([*MTG_TRAIN, "--expert", "judge"], env=cli_env(site), capture_output=True, text=True)
+    assert trained.returncode == 2 and "[tool.setuptools.package-data]" in trained.stderr and "reinstall" in trained.stderr
+    assert "(and 2 more problems: see mtg-train --list)" in trained.stderr and "Traceback" not in trained.stderr
+
+
+def test_a_cross_cutting_plugin_full_of_mistakes_costs_only_itself_in_training_and_evaluation(tmp_path, monkeypatch, caplog):
+    from transformers import TrainerCallback
+
+    class StopAtLoss(TrainerCallback):
+        """The trial's callback: on_log fires once more at the end without "loss", and this raises KeyError there."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs["loss"] < 0.5:
+                control.should_training_stop = True
+
+    class Mistakes:
+        @hookimpl
+        def mtg_trainer_callbacks(self, expert):
+            return [StopAtLoss()]
+
+    class OneObject:
+        @hookimpl
+        def mtg_trainer_callbacks(self, expert):
+            return TrainerCallback()
+
+    class OnePrompt:
+        @hookimpl
+        def mtg_eval_prompts(self, expert):
+            return "What does this expert do?"
+
+    for plugin, name in [(Mistakes(), "stop-at-loss"), (OneObject(), "one-object"), (OnePrompt(), "one-prompt")]:
+        add_plugin(monkeypatch, plugin, name)
+    out = tmp_path / "adapters"
+    with caplog.at_level(logging.WARNING, logger="mtg_core"):
+        trained = CliRunner().invoke(train_command, ["--expert", "explain", "--max-steps", "1", "--max-samples", "4", "--batch-size", "4",
+                                                     "--grad-accum", "1", "--seq-len", "256", "--output-dir", str(out)])
+        assert trained.exit_code == 0, trained.output
+        evaluated = CliRunner().invoke(eval_command, ["--expert", "explain", "--adapters", str(out), "--no-fail", "--max-new-tokens", "4"])
+        assert evaluated.exit_code == 0, evaluated.output
+    assert (out / "explain" / "adapter_model.safetensors").is_file()
+    skips = [r.getMessage() for r in caplog.records if " skipped: " in r.getMessage()]
+    assert "plugin 'stop-at-loss' (not installed) skipped: mtg_trainer_callbacks(expert='explain') " + (
+           "StopAtLoss.on_log raised KeyError: 'loss'; the callback is off for the rest of the run") + "; the other plugins go on" in skips
+    assert sum("plugin 'stop-at-loss'" in line for line in skips) == 1
+    assert any(line.startswith("plugin 'one-object' (not installed) skipped: mtg_trainer_callbacks(expert='explain') returned "
+                               "a TrainerCallback, not a list") for line in skips)
+    assert any(line.startswith("plugin 'one-prompt' (not installed) skipped: mtg_eval_prompts(expert='explain') returned "
+                               "a str, not a list: 'What does this expert do?'") for line in skips)
+    samples = json.loads((out / "explain" / "eval.json").read_text())["samples"]
+    assert len(samples) == 3 and "What does this expert do?" not in [s["prompt"] for s in samples]
+    recorded = {"training_meta.json": ("stop-at-loss", "one-object"), "eval.json": ("one-prompt",)}
+    for file, plugins in recorded.items():
+        skipped = json.loads((out / "explain" / file).read_text())["skipped_plugins"]
+        assert {s["plugin"] for s in skipped} >= set(plugins), (file, skipped)
+        assert all(s["expert"] == "explain" and s["reason"] for s in skipped)

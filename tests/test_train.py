@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 from peft import PeftModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 
 from conftest import EXPERTS, add_plugin
 from mtg_core import hookimpl
@@ -112,17 +112,15 @@ def test_a_failed_run_leaves_the_existing_adapter_byte_identical(explain_run, mo
     out, _ = explain_run
     before = {p: p.read_bytes() for p in (out / "explain").rglob("*") if p.is_file()}
 
-    class Crash(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 2:
-                raise RuntimeError("simulated crash mid-training")
+    calls, step = [], Trainer.training_step
 
-    class CrashPlugin:
-        @hookimpl
-        def mtg_trainer_callbacks(self, expert):
-            return [Crash()]
+    def crash(self, *args, **kwargs):  # a crash inside the training loop itself (plugin callbacks are isolated)
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash mid-training")
+        return step(self, *args, **kwargs)
 
-    add_plugin(monkeypatch, CrashPlugin(), "crash")
+    monkeypatch.setattr(Trainer, "training_step", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train("--expert", "explain", "--output-dir", str(out), "--max-steps", "5", *FAST)
     after = {p: p.read_bytes() for p in (out / "explain").rglob("*") if p.is_file()}
