@@ -387,19 +387,16 @@ class EvalFailed(MtgError):
 
 def _base_for(adapters: Path, experts: list, base_model: str | None):
     """--base-model, else the base the (first) adapter was trained on, else the machine's default."""
-    from mtg_core.base_models import PRESETS, TINY, choose_base, default_base
+    from mtg_core.base_models import choose_base, default_base
+    from mtg_core.evaluate import check_adapter_files, recorded_base
 
     if base_model:
         return choose_base(base_model)
     for expert in experts:
-        meta = adapters / expert.name / "training_meta.json"
-        if meta.is_file():
-            try:
-                recorded = json.loads(meta.read_text(encoding="utf-8"))["base_model"]
-                name = recorded["name"] if recorded["name"] == TINY or recorded["name"] in PRESETS else recorded["id"]
-            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-                raise ConfigError(f"{meta}: unreadable (not mtg-train's JSON record); retrain the adapter, or pass --base-model") from None
-            return choose_base(name, reason=f"the base {meta} was trained on")
+        if (adapters / expert.name / "adapter_config.json").is_file():
+            recorded = recorded_base(check_adapter_files(adapters, expert.name))
+            if recorded is not None:
+                return recorded
     return default_base()
 
 

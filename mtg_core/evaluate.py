@@ -19,8 +19,8 @@ class AdapterError(MtgError):
     """An adapter folder is missing, incomplete, or was trained on another base."""
 
 
-def check_adapter(adapters: Path, expert: str, choice) -> Path:
-    """Everything about an adapter folder that can be checked before the base loads: files whole, trained on `choice`."""
+def check_adapter_files(adapters: Path, expert: str) -> Path:
+    """The adapter folder, its files checked whole (no base needed): weights, LoRA config, training record."""
     from mtg_core.outputs import META, json_problem, safetensors_problem
 
     folder = adapters / expert
@@ -38,12 +38,36 @@ def check_adapter(adapters: Path, expert: str, choice) -> Path:
     config = {} if problem else json.loads(config_file.read_text(encoding="utf-8"))
     if problem or config.get("peft_type") != "LORA" or not isinstance(config.get("r"), int) or not config.get("target_modules"):
         raise AdapterError(f"{config_file} {problem or 'is not a peft LoRA config (peft_type, r, target_modules)'}; {retrain}")
-    meta = {}
     if (folder / META).exists():
         problem = json_problem(folder / META)
         if problem:
-            raise AdapterError(f"{folder / META} {problem}; {retrain}")
-        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+            raise AdapterError(f"{folder / META}: unreadable ({problem}); {retrain}")
+    return folder
+
+
+def recorded_base(folder: Path):
+    """The base an adapter's training_meta.json names (presets and hub ids by name, local folders by path), or None."""
+    from mtg_core.base_models import PRESETS, TINY, choose_base
+    from mtg_core.outputs import META
+
+    meta = folder / META
+    if not meta.is_file():
+        return None
+    try:
+        recorded = json.loads(meta.read_text(encoding="utf-8"))["base_model"]
+        name = recorded["name"] if recorded["name"] == TINY or recorded["name"] in PRESETS else recorded.get("id", recorded["location"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise AdapterError(f"{meta}: unreadable (not mtg-train's record of the base); retrain the adapter, or pass --base-model") from None
+    return choose_base(name, reason=f"the base {meta} names")
+
+
+def check_adapter(adapters: Path, expert: str, choice) -> Path:
+    """Everything about an adapter folder that can be checked before the base loads: files whole, trained on `choice`."""
+    from mtg_core.outputs import META
+
+    folder = check_adapter_files(adapters, expert)
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    meta = json.loads((folder / META).read_text(encoding="utf-8")) if (folder / META).exists() else {}
     trained_on = config.get("base_model_name_or_path")
     same = not trained_on or trained_on in (choice.identity, choice.location) or (
         Path(trained_on).is_absolute() and Path(trained_on).resolve() == Path(choice.location).resolve())
@@ -51,7 +75,8 @@ def check_adapter(adapters: Path, expert: str, choice) -> Path:
         raise AdapterError(f"{folder} was trained on {trained_on}, not on {choice.identity}; pass --base-model {trained_on} or retrain it")
     recorded = meta.get("base_model", {}).get("fingerprint") if isinstance(meta.get("base_model"), dict) else None
     if recorded and choice.fingerprint and recorded != choice.fingerprint:
-        raise AdapterError(f"{folder} was trained on another build of {choice.name} (recipe {recorded}, this one {choice.fingerprint}); {retrain}")
+        raise AdapterError(f"{folder} was trained on another build of {choice.name} (recipe {recorded}, this one {choice.fingerprint}); "
+                           f"retrain it with: mtg-train --expert {expert} --output-dir {adapters}")
     return folder
 
 

@@ -24,9 +24,10 @@ import attrs
 import click
 
 from mtg_core import __version__
-from mtg_core.cli import _reported_errors
+from mtg_core.cli import OneLineCommand, _reported_errors
 from mtg_core.errors import MtgError
 from mtg_core.experts import EXPERT_NAME
+from mtg_core.outputs import install
 
 FORMATS = ("vllm", "gguf", "merged")
 DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
@@ -96,10 +97,10 @@ def load_adapter(adapters: Path, name: str, base_model: str | None) -> Adapter:
     """Read ADAPTERS/NAME and check it is a plain LoRA whose every matrix fits its base."""
     from mtg_core.base_models import base_config
 
-    folder = adapters / name
+    from mtg_core.evaluate import check_adapter_files
+
+    folder = check_adapter_files(adapters, name)
     config_path = folder / "adapter_config.json"
-    if not config_path.is_file():
-        raise ExportError(f"{folder}: no adapter (adapter_config.json missing); train it with: mtg-train --expert {name} --output-dir {adapters}")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -122,16 +123,13 @@ def load_adapter(adapters: Path, name: str, base_model: str | None) -> Adapter:
 def _base_choice(folder: Path, config: dict, base_model: str | None):
     """--base-model, else the base training_meta.json names, else adapter_config.json's."""
     from mtg_core.base_models import choose_base
+    from mtg_core.evaluate import recorded_base
 
     if base_model:
         return choose_base(base_model)
-    meta = folder / "training_meta.json"
-    if meta.is_file():
-        try:
-            name = json.loads(meta.read_text(encoding="utf-8"))["base_model"]["name"]
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-            raise ExportError(f"{meta}: unreadable or without base_model.name; pass --base-model") from None
-        return choose_base(name, reason=f"the base {meta} names")
+    recorded = recorded_base(folder)
+    if recorded is not None:
+        return recorded
     if config.get("base_model_name_or_path"):
         return choose_base(config["base_model_name_or_path"], reason="adapter_config.json's base_model_name_or_path")
     raise ExportError(f"{folder}: neither training_meta.json nor adapter_config.json names the base model; pass --base-model")
@@ -488,19 +486,15 @@ def write_export(out: Path, adapter: Adapter, fmt: str, dtype: str | None, write
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-    work.rename(target)
-    if old is not None:
-        shutil.rmtree(old)
+    install(work, target)
     return target
 
 
 def export(adapters: Path, name: str | None, all_experts: bool, fmt: str, base_model: str | None, out: Path, dtype: str | None) -> list[Path]:
     """Check every selected adapter (and, for merged, its base checkpoint), then write one export per adapter."""
-    chosen = [load_adapter(adapters, n, base_model) for n in adapter_names(adapters, name, all_experts)]
+    names = adapter_names(adapters, name, all_experts)
+    _recover(adapters, names)  # a kill while mtg-train installed an adapter: finish or undo it first
+    chosen = [load_adapter(adapters, n, base_model) for n in names]
     checkpoints, needed = {}, 0
     for adapter in chosen:
         if fmt == "vllm":
@@ -543,7 +537,7 @@ def _print_serving(fmt: str, adapters: list[Adapter], targets: list[Path]) -> No
             click.echo(shlex.join(["vllm", "serve", str(target.resolve())]))
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--expert", "-e", metavar="NAME", help="The adapter in ADAPTERS/NAME/ to export.")
 @click.option("--all", "all_experts", is_flag=True, help="Every adapter in ADAPTERS (vllm: one multi-LoRA server command).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
@@ -558,3 +552,10 @@ def export_command(expert, all_experts, fmt, adapters, base_model, out, dtype, d
     """Convert trained adapters for serving: vLLM multi-LoRA, llama.cpp GGUF, or merged full weights."""
     with _reported_errors(debug):
         export(Path(adapters), expert, all_experts, fmt, base_model, Path(out) if out else Path("exports") / fmt, dtype)
+
+
+def _recover(adapters: Path, names: list[str]) -> None:
+    from mtg_core.outputs import recover_unlocked
+
+    for name in names:
+        recover_unlocked(adapters, name, lambda line: click.echo(f"warning: {line}", err=True))

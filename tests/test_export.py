@@ -334,7 +334,7 @@ def big_rank_adapter(tmp_path):
         ("format", ["--expert", "explain", "--format", "onnx"], "'onnx' is not one of 'vllm', 'gguf', 'merged'"),
         ("neither", ["--format", "gguf"], "give --expert NAME or --all"),
         ("traversal", ["--expert", "../adapters", "--format", "vllm"], "--expert '../adapters': not an expert name"),
-        ("not_lora", ["--expert", "bad", "--format", "merged"], "not a peft LoRA config (no integer r and numeric lora_alpha)"),
+        ("not_lora", ["--expert", "bad", "--format", "merged"], "adapter_config.json is not a peft LoRA config (peft_type, r, target_modules)"),
         ("rank", ["--expert", "bad", "--format", "vllm"], "rank 1024 is above vLLM's largest --max-lora-rank (1, 8, 16, 32, 64, 128, 256, 320, 512)"),
         ("dora", ["--expert", "bad", "--format", "gguf"], "use_dora is True; mtg-export converts plain LoRA adapters"),
         ("no_w3", ["--expert", "bad", "--format", "vllm"], "no LoRA for model.layers.0.mlp.experts.3.w3; vLLM packs the experts of a layer only when"),
