@@ -1,0 +1,108 @@
+"""`mtg-export`: trained adapters as vLLM multi-LoRA adapters, llama.cpp GGUF adapters or merged weights.
+
+Training keeps its own adapter format: expert keys `model.layers.N.mlp.experts.E.w1` (transformers 5's
+name of the MoE block, which our 4-bit layout and peft load). vLLM and llama.cpp name the block as the
+hub checkpoints do (`block_sparse_moe`) and drop or refuse anything else, so every export converts a
+copy; the adapters folder is only read. Everything is checked before anything is written, and each
+export is written into a hidden work folder that is renamed into place only when it is complete.
+
+The job of each file: `adapter.py` reads and checks a trained adapter; `vllm.py`, `gguf.py` and
+`merged.py` check and write one format each; `writing.py` prepares --out and swaps each export into
+place; this file runs an export and is the `mtg-export` command.
+"""
+
+from __future__ import annotations
+
+import shlex
+from functools import partial
+from pathlib import Path
+
+import click
+
+from mtg_core.cli import OneLineCommand, _reported_errors
+from mtg_core.export.adapter import (ATTENTION, EXPERT, EXPERT_MATRICES, HUB_BLOCK, LORA_KEY, PLAIN_LORA, TRAINED_BLOCK,
+                                     Adapter, ExportError, adapter_names, load_adapter)
+from mtg_core.export.gguf import check_gguf, gguf_command, gguf_tensors, write_gguf
+from mtg_core.export.merged import (FULL_PRECISION, SERVING_FILES, check_merged, checkpoint_folder, hub_key,
+                                    write_merged)
+from mtg_core.export.vllm import VLLM_MAX_LORA_RANKS, check_vllm, vllm_command, write_vllm
+from mtg_core.export.writing import DTYPES, MARKER, prepare_out, write_export
+
+__all__ = ["ATTENTION", "DTYPES", "EXPERT", "EXPERT_MATRICES", "FORMATS", "FULL_PRECISION", "HUB_BLOCK", "LORA_KEY",
+           "MARKER", "PLAIN_LORA", "SERVING_FILES", "TRAINED_BLOCK", "VLLM_MAX_LORA_RANKS", "Adapter", "ExportError",
+           "adapter_names", "check_gguf", "check_merged", "check_vllm", "checkpoint_folder", "export", "export_command",
+           "gguf_command", "gguf_tensors", "hub_key", "load_adapter", "prepare_out", "vllm_command", "write_export",
+           "write_gguf", "write_merged", "write_vllm"]
+
+FORMATS = ("vllm", "gguf", "merged")
+
+
+def export(adapters: Path, name: str | None, all_experts: bool, fmt: str, base_model: str | None, out: Path, dtype: str | None) -> list[Path]:
+    """Check every selected adapter (and, for merged, its base checkpoint), then write one export per adapter."""
+    names = adapter_names(adapters, name, all_experts)
+    _recover(adapters, names)  # a kill while mtg-train installed an adapter: finish or undo it first
+    chosen = [load_adapter(adapters, n, base_model) for n in names]
+    checkpoints, needed = {}, 0
+    for adapter in chosen:
+        if fmt == "vllm":
+            check_vllm(adapter)
+        elif fmt == "gguf":
+            check_gguf(adapter)
+        else:
+            checkpoints[adapter.name] = checkpoint_folder(adapter)
+            needed += check_merged(adapter, checkpoints[adapter.name], dtype)
+    if fmt == "vllm" and len({a.serve_id for a in chosen}) > 1:
+        bases = ", ".join(f"{a.name}: {a.serve_id}" for a in chosen)
+        raise ExportError(f"one vllm serve serves one base, and these adapters were trained on different ones ({bases}); export them separately")
+    prepare_out(out, [a.name for a in chosen], needed)
+    targets = []
+    for adapter in chosen:
+        if fmt == "merged":
+            write = partial(write_merged, adapter, checkpoints[adapter.name], dtype=dtype)
+        else:
+            write = partial(write_vllm if fmt == "vllm" else write_gguf, adapter, dtype=dtype)
+        targets.append(write_export(out, adapter, fmt, dtype, write))
+        click.echo(f"{adapter.name}: {fmt} export of {adapter.folder} (rank {adapter.rank}, base {adapter.choice.name}) "
+                   f"written to {targets[-1]}", err=True)
+    _print_serving(fmt, chosen, targets)
+    return targets
+
+
+def _print_serving(fmt: str, adapters: list[Adapter], targets: list[Path]) -> None:
+    """The command that serves the exports on stdout (so `mtg-export ... > serve.sh` keeps it); how to use it on stderr."""
+    if fmt == "vllm":
+        click.echo(vllm_command(adapters, targets))
+        click.echo(f'choose the expert per request with "model": "<expert name>" ({", ".join(a.name for a in adapters)}); '
+                   "see docs/serving.md", err=True)
+    elif fmt == "gguf":
+        click.echo(gguf_command(adapters, targets))
+        click.echo(f"BASE.gguf: {adapters[0].serve_id} converted with llama.cpp's convert_hf_to_gguf.py (without "
+                   '--fuse-gate-up-exps); choose the expert per request with "lora": [{"id": N, "scale": 1.0}], N in the '
+                   "order above; see docs/serving.md", err=True)
+    else:
+        for target in targets:
+            click.echo(shlex.join(["vllm", "serve", str(target.resolve())]))
+
+
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--expert", "-e", metavar="NAME", help="The adapter in ADAPTERS/NAME/ to export.")
+@click.option("--all", "all_experts", is_flag=True, help="Every adapter in ADAPTERS (vllm: one multi-LoRA server command).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
+              help="vllm: peft adapter named for vLLM's Mixtral; gguf: llama.cpp LoRA adapter; merged: the base with the adapter merged in.")
+@click.option("--adapters", type=click.Path(file_okay=False), default="adapters", show_default=True, help="Where mtg-train wrote the adapters.")
+@click.option("--base-model", metavar="NAME", help="Default: the base the adapter was trained on (its training_meta.json).")
+@click.option("--out", type=click.Path(), help="Exports go to OUT/<expert>/. Default: exports/<format>.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)),
+              help="Cast the exported weights. Default: unchanged (adapters as trained, fp32; merged: the base's own dtype).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def export_command(expert, all_experts, fmt, adapters, base_model, out, dtype, debug):
+    """Convert trained adapters for serving: vLLM multi-LoRA, llama.cpp GGUF, or merged full weights."""
+    with _reported_errors(debug):
+        export(Path(adapters), expert, all_experts, fmt, base_model, Path(out) if out else Path("exports") / fmt, dtype)
+
+
+def _recover(adapters: Path, names: list[str]) -> None:
+    from mtg_core.outputs import recover_unlocked
+
+    for name in names:
+        recover_unlocked(adapters, name, lambda line: click.echo(f"warning: {line}", err=True))
