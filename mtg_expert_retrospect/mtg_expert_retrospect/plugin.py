@@ -10,8 +10,8 @@ plugin = PackagedExpert(
     lora=LoraSettings(rank=8, alpha=16, dropout=0.1),
     package=__package__,
     eval_prompts=[
-        "I attacked with everything and my opponent flashed in a blocker and swung back for lethal. What went wrong?",
-        "I kept a one-land seven on the draw and lost without casting a spell. Was the keep wrong?",
-        "I used my only removal on their mana elf on turn 1 and then lost to a big flyer. Was that a mistake?",
+        "For game 3 against a creature deck I sided out my counterspells, then lost to a single enchantment I had no answer for. How should I have sideboarded?",
+        "In a three-player game I kept attacking the player with the most life, while the player at 8 quietly built an army and beat us both. Who should I have been attacking?",
+        "I kept three lands and a sweeper against an aggro deck, took heavy damage before the sweeper, and lost despite casting it on time. Was the keep or my play the problem?",
     ],
 )
