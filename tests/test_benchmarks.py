@@ -12,9 +12,14 @@ def test_gpu_moe_benchmark_smoke_runs_every_variant_on_the_cpu():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert "4N" in rows[0]["mfu_convention"]
     check = rows[1]
     assert 0 < check["nf4_weight_rel_error"] < 0.2 and 0 < check["logits_rel_error"] < 1 and check["lora_tensors_compared"] > 50
     variants = {row["variant"]: row for row in rows[2:]}
-    assert set(variants) == {"bf16", "stock", "nf4"}
+    assert set(variants) == {"bf16", "stock", "nf4", "nf4-attn"}
     assert variants["nf4"]["quantized_weights"] == "56/56" and variants["stock"]["quantized_weights"] == "8/40"
-    assert all(row["tokens_per_s"] > 0 and row["planned_gib"] > 0 for row in variants.values())
+    assert all(row["tokens_per_s"] > 0 and row["planned_gib"] > 0 and row["mfu"] > 0 for row in variants.values())
+    nf4 = variants["nf4"]
+    assert 500 < nf4["aten_ops_forward_backward"] <= 1500 and nf4["aten_ops_optimizer_step"] > 0
+    assert set(nf4["optimizer_step_ms"]) == {"paged_adamw_8bit", "adamw_8bit", "adamw_torch_fused"}
+    assert nf4["expert_lora_cost"] == round(variants["nf4-attn"]["tokens_per_s"] / nf4["tokens_per_s"] - 1, 3)

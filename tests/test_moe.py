@@ -1,70 +1,364 @@
-"""The grouped NF4 experts path: same maths as the per-expert reference, two dequantisations per step."""
+"""The grouped experts path (frozen weights and peft's LoRA in grouped GEMMs) against the per-expert reference loop."""
+
+import collections
+import copy
 
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
+from transformers import BitsAndBytesConfig
 
-from mtg_core.base_models import TINY, TINY_CONFIG, choose_base, load_base
-from mtg_core.moe import LinearExperts, _groupable
+from mtg_core.base_models import TINY_CONFIG, ensure_tiny_mixtral
+from mtg_core.errors import ConfigError
+from mtg_core.moe import LinearExperts, MtgMixtralForCausalLM, grouped_mm
+from mtg_core.moe import grouped
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]
+EXPERTS, HIDDEN, INTER = TINY_CONFIG["num_local_experts"], TINY_CONFIG["hidden_size"], TINY_CONFIG["intermediate_size"]
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(scope="module")
-def lora_model():
-    base = load_base(choose_base(TINY), "nf4", log=lambda _: None)
+def tiny(quant: str, dtype=torch.float32, device="cpu"):
+    """The embedded tiny Mixtral in mtg_core's layout, NF4 (double quantisation) or not, on `device`."""
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=dtype) if quant == "nf4" else None
+    return MtgMixtralForCausalLM.from_pretrained(ensure_tiny_mixtral(), dtype=dtype, quantization_config=quantization,
+                                                 device_map={"": device})
+
+
+def with_lora(model, rank=4, dropout=0.0, targets=TARGETS):
     torch.manual_seed(0)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"])
-    return get_peft_model(base.model, config)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, init_lora_weights=False, target_modules=targets)
+    return get_peft_model(model, config)
 
 
-def set_grouped(model, grouped: bool):
-    for module in model.modules():
-        if isinstance(module, LinearExperts):
-            module.grouped = grouped
+def expert_layers(model):
+    return [m for m in model.modules() if isinstance(m, LinearExperts)]
 
 
-def loss_and_grads(model, ids, grouped):
-    set_grouped(model, grouped)
+def set_grouped(model, grouped_path: bool):
+    for module in expert_layers(model):
+        module.grouped = grouped_path
+
+
+def loss_and_grads(model, ids, grouped_path):
+    set_grouped(model, grouped_path)
     model.zero_grad()
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and ".experts." in n}
-    return out.logits.detach(), grads
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad and ".experts." in n}
+    return out.logits.detach().float(), grads
 
 
-def test_grouped_path_matches_the_per_expert_reference(lora_model):
-    experts = [m for m in lora_model.modules() if isinstance(m, LinearExperts)]
-    assert len(experts) == 2 and all(_groupable(l) for m in experts for e in m for l in (e.w1, e.w2, e.w3))
-    ids = torch.randint(3, 2000, (2, 48), generator=torch.Generator().manual_seed(1))
-    logits_ref, grads_ref = loss_and_grads(lora_model, ids, grouped=False)
-    logits, grads = loss_and_grads(lora_model, ids, grouped=True)
+def batch(device="cpu"):
+    return torch.randint(3, 2000, (2, 48), generator=torch.Generator().manual_seed(1)).to(device)
+
+
+def assert_grouped_path_taken(model):
+    assert all(grouped.grouped_adapters(layer) == ["default"] for layer in expert_layers(model))
+
+
+@pytest.mark.parametrize("quant, rank", [("nf4", 4), ("none", 4), ("none", 3)])  # rank 3: padded to 16-byte rows
+def test_grouped_lora_matches_the_per_expert_reference_in_fp32(quant, rank):
+    model = with_lora(tiny(quant), rank=rank)
+    assert_grouped_path_taken(model)
+    logits_ref, grads_ref = loss_and_grads(model, batch(), grouped_path=False)
+    logits, grads = loss_and_grads(model, batch(), grouped_path=True)
     torch.testing.assert_close(logits, logits_ref, atol=1e-4, rtol=1e-4)
-    assert grads.keys() == grads_ref.keys() and len(grads) == 2 * 8 * 3 * 2  # layers x experts x (w1,w2,w3) x (A,B)
-    assert any(g.abs().sum() > 0 for g in grads.values())
+    assert grads.keys() == grads_ref.keys() and len(grads) == 2 * EXPERTS * 3 * 2  # layers x experts x (w1,w2,w3) x (A,B)
+    assert all(g.abs().sum() > 0 for g in grads_ref.values())
     for name in grads:
         torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-5, rtol=1e-3)
 
 
-def test_each_expert_weight_is_dequantised_twice_per_checkpointed_step(lora_model, monkeypatch):
-    hidden, inter = TINY_CONFIG["hidden_size"], TINY_CONFIG["intermediate_size"]
-    calls = []
+def layer_output_and_grads(layer, x, index, weights, grouped_path):
+    layer.grouped = grouped_path
+    layer.zero_grad()
+    x = x.detach().requires_grad_()
+    y = layer(x, index, weights)
+    y.float().square().sum().backward()
+    grads = {n: p.grad.float().clone() for n, p in layer.named_parameters() if p.requires_grad}
+    return y.detach().float(), x.grad.float(), grads
+
+
+def bf16_errors(quant: str, device: str):
+    """Relative errors (output, input gradient, worst LoRA gradient) of one bf16 layer's grouped path and of its
+    per-expert reference, each against the same layer computed in fp32 (rank 4: padded to 8 in bf16)."""
+    model = with_lora(tiny(quant, torch.bfloat16, device), rank=4)
+    assert_grouped_path_taken(model)
+    layer = expert_layers(model)[0]
+    exact_layer = copy.deepcopy(layer).float()
+    for module in exact_layer.modules():
+        if hasattr(module, "compute_dtype"):  # bitsandbytes' Linear4bit: same 4-bit weights, fp32 matmul
+            module.compute_dtype = torch.float32
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(64, HIDDEN, generator=generator).to(device)
+    index = torch.stack([torch.randperm(EXPERTS, generator=generator)[:2] for _ in range(64)]).to(device)
+    weights = torch.rand(64, 2, generator=generator).softmax(-1).to(device)
+    exact = layer_output_and_grads(exact_layer, x, index, weights, grouped_path=False)
+    assert exact[1].abs().sum() > 0 and len(exact[2]) == EXPERTS * 3 * 2
+
+    def errors(result):
+        out, x_grad, grads = result
+        rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+        return rel(out, exact[0]), rel(x_grad, exact[1]), max(rel(grads[n], exact[2][n]) for n in exact[2])
+
+    layer_output_and_grads(layer, x.bfloat16(), index, weights.bfloat16(), grouped_path=True)  # backend chosen (one probe)
+    if device == "cuda":
+        torch.cuda.set_sync_debug_mode("error")  # a host sync in the grouped path raises
+    try:
+        ours = layer_output_and_grads(layer, x.bfloat16(), index, weights.bfloat16(), grouped_path=True)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    return errors(ours), errors(layer_output_and_grads(layer, x.bfloat16(), index, weights.bfloat16(), grouped_path=False))
+
+
+@pytest.mark.parametrize("quant", ["nf4", "none"])
+def test_grouped_lora_in_bf16_is_as_close_to_fp32_as_the_reference(quant):
+    ours, reference = bf16_errors(quant, "cpu")
+    # bf16 rounding only: the reference runs LoRA in fp32 (peft upcasts), the grouped path in bf16
+    assert all(o < 0.03 and o < 2 * r + 0.005 for o, r in zip(ours, reference)), (ours, reference)
+
+
+class SignDropout(nn.Module):
+    """A deterministic stand-in for dropout: keeps the values of one sign, doubled. Both paths see the same
+    rows, so they draw the same masks, and w1's and w3's (opposite signs) tell apart which one ran where."""
+
+    def __init__(self, sign: float) -> None:
+        super().__init__()
+        self.sign = sign
+
+    def forward(self, x):
+        return x * (x * self.sign > 0) * 2.0
+
+
+def test_grouped_lora_applies_each_experts_dropout_to_its_own_input():
+    model = with_lora(tiny("nf4"), rank=4, dropout=0.1).eval()  # eval: attention's LoRA dropout off, SignDropout stays
+    for layer in expert_layers(model):
+        for expert in layer:
+            for name, sign in (("w1", 1.0), ("w3", -1.0), ("w2", 1.0)):
+                getattr(expert, name).lora_dropout["default"] = SignDropout(sign)
+    assert_grouped_path_taken(model)
+    logits_ref, grads_ref = loss_and_grads(model, batch(), grouped_path=False)
+    logits, grads = loss_and_grads(model, batch(), grouped_path=True)
+    torch.testing.assert_close(logits, logits_ref, atol=1e-4, rtol=1e-4)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-5, rtol=1e-3)
+
+
+def test_grouped_lora_dropout_has_the_per_expert_distribution():
+    """Real dropout (p = 0.3): over 300 draws each, the grouped and the per-expert outputs of one layer agree in
+    mean and spread; a reference with p = 0.4 (a different distribution) is told apart by the same statistic."""
+    model = with_lora(tiny("none"), rank=4, dropout=0.3)
+    model.train()
+    layer = expert_layers(model)[0]
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(24, HIDDEN, generator=generator)
+    index = torch.stack([torch.randperm(EXPERTS, generator=generator)[:2] for _ in range(24)])
+    weights = torch.rand(24, 2, generator=generator).softmax(-1)
+
+    def draws(grouped_path, copies=50, calls=6):  # every (row, matrix) draws its own mask: copies of a token are draws
+        layer.grouped = grouped_path
+        with torch.no_grad():
+            outs = [layer(x.repeat(copies, 1), index.repeat(copies, 1), weights.repeat(copies, 1)) for _ in range(calls)]
+        return torch.cat(outs).view(copies * calls, *x.shape)
+
+    def distance(a, b):  # mean difference in units of its standard error, and the ratio of the spreads
+        se = ((a.var(0) + b.var(0)) / a.shape[0]).sum().sqrt()
+        return ((a.mean(0) - b.mean(0)).norm() / se).item(), (a.std(0).norm() / b.std(0).norm()).item()
+
+    torch.manual_seed(4)
+    ours, reference = draws(True), draws(False)
+    mean_gap, spread = distance(ours, reference)
+    assert mean_gap < 2.0 and 0.93 < spread < 1.07, (mean_gap, spread)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.4
+    other = draws(False)
+    assert distance(ours, other)[1] < 0.93  # the test can see a wrong dropout rate
+
+
+def test_each_expert_weight_is_dequantised_twice_per_checkpointed_step(monkeypatch):
+    model = with_lora(tiny("nf4"))
+    dequantised = []
     original = bnbf.dequantize_4bit
 
     def counting(A, quant_state=None, *args, **kwargs):
-        if quant_state is not None and tuple(quant_state.shape) in {(inter, hidden), (hidden, inter)}:
-            calls.append(tuple(quant_state.shape))
-        return original(A, quant_state, *args, **kwargs)
+        out = original(A, quant_state, *args, **kwargs)
+        dequantised.append(out.numel())
+        return out
 
     monkeypatch.setattr(bnbf, "dequantize_4bit", counting)
-    set_grouped(lora_model, True)
-    layer = lora_model.base_model.model.model.layers[0].mlp.experts
-    x = torch.randn(40, hidden, requires_grad=True)
-    index = torch.randint(0, 8, (40, 2))
+    layer = expert_layers(model)[0]
+    x = torch.randn(40, HIDDEN, requires_grad=True)
+    index = torch.randint(0, EXPERTS, (40, 2))
     weights = torch.rand(40, 2).softmax(-1)
     out = checkpoint(layer, x, index, weights, use_reentrant=False)
-    assert len(calls) == 8 * 3  # the forward
+    every_expert_weight = EXPERTS * 3 * HIDDEN * INTER
+    assert sum(dequantised) == every_expert_weight and len(dequantised) == 2  # the forward: one call per group
     out.square().sum().backward()
-    assert len(calls) == 2 * 8 * 3  # the recompute; backward reuses its weights
+    assert sum(dequantised) == 2 * every_expert_weight  # the recompute; backward reuses its weights
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def quantized(shape, seed):
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.02
+    packed, state = bnbf.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+    return bnbf.dequantize_4bit(packed, state), nn.Parameter(packed, requires_grad=False), state
+
+
+@pytest.mark.parametrize("shape, together", [((256, 128), True), ((96, 64), False)])  # 96 * 64 / 64 blocks: not whole nested blocks
+def test_batched_dequantisation_equals_one_call_per_matrix(shape, together):
+    import bitsandbytes as bnb
+
+    matrices = [quantized(shape, seed) for seed in range(6)]
+    weights = []
+    for _, packed, state in matrices:
+        weight = bnb.nn.Params4bit(packed.data, requires_grad=False, quant_state=state, quant_type="nf4", bnb_quantized=True)
+        weights.append(weight)
+    assert grouped._dequantizes_together(weights) is together
+    groups = [(nn.Linear(1, 1), nn.Linear(1, 1)) for _ in range(3)]  # 3 experts x 2 matrices
+    for (a, b), wa, wb in zip(groups, weights[::2], weights[1::2]):
+        a.weight, b.weight = wa, wb
+    stacked = grouped.stacked_frozen_weights(groups, torch.float32)
+    expected = torch.stack([torch.cat([matrices[2 * e][0], matrices[2 * e + 1][0]]) for e in range(3)])
+    assert torch.equal(stacked, expected)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_the_loop_backend_equals_torch_grouped_mm(monkeypatch, requires_grad):
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(20, 16, generator=generator, requires_grad=requires_grad)
+    weight = torch.randn(4, 16, 8, generator=generator, requires_grad=requires_grad)
+    ends = torch.tensor([5, 5, 12, 20], dtype=torch.int32)  # expert 1 gets no rows
+    results = {}
+    for name in grouped.BACKENDS:
+        monkeypatch.setattr(grouped, "_backends", {("cpu", torch.float32): name})
+        y = grouped_mm(x, weight, ends)
+        if requires_grad:
+            x.grad = weight.grad = None
+            (y * torch.arange(8.0)).sum().backward()
+            results[name] = (y.detach(), x.grad, weight.grad)
+        else:
+            results[name] = (y,)
+    for ours, theirs in zip(results["loop"], results["grouped_mm"]):
+        torch.testing.assert_close(ours, theirs)
+    reference = torch.cat([x[:5] @ weight[0], x[5:12] @ weight[2], x[12:] @ weight[3]])
+    torch.testing.assert_close(results["grouped_mm"][0], reference.detach())
+
+
+def test_an_unknown_backend_override_names_the_variable_and_the_choices(monkeypatch):
+    monkeypatch.setattr(grouped, "_backends", {})
+    monkeypatch.setenv(grouped.BACKEND_ENV, "triton")
+    with pytest.raises(ConfigError, match=r"MTG_MOE_BACKEND='triton'.*grouped_mm, loop"):
+        grouped.backend(torch.device("cpu"), torch.float32)
+
+
+def test_the_grouped_path_reads_nothing_on_the_host(monkeypatch):
+    """No .tolist()/.item() in the grouped forward or backward: on a GPU they would stall it each layer."""
+    model = with_lora(tiny("nf4"))
+    layer = expert_layers(model)[0]
+    x = torch.randn(40, HIDDEN, requires_grad=True)
+    index, weights = torch.randint(0, EXPERTS, (40, 2)), torch.rand(40, 2).softmax(-1)
+    layer(x, index, weights)  # the backend is chosen (one probe) on first use
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("host read in the grouped path")
+
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    checkpoint(layer, x, index, weights, use_reentrant=False).square().sum().backward()
+    monkeypatch.undo()
+    assert x.grad.abs().sum() > 0
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_of_the_nf4_model_dispatches_at_most_1500_ops():
+    """Forward + backward of 4 x 64 tokens, LoRA r16 on attention and experts, checkpointed as mtg-train trains."""
+    model = with_lora(tiny("nf4"), rank=16)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    ids = torch.randint(3, 2000, (4, 64), generator=torch.Generator().manual_seed(2))
+    model(input_ids=ids, labels=ids).loss.backward()  # first use: backend probe
+    with CountOps() as counted:
+        model(input_ids=ids, labels=ids).loss.backward()
+    total = sum(counted.ops.values())
+    assert counted.ops["aten._grouped_mm"] > 0 and counted.ops["aten.mm"] < 100  # the experts did run grouped
+    assert 500 < total <= 1500, counted.ops.most_common(10)
+
+
+@cuda_only
+@pytest.mark.parametrize("quant", ["nf4", "none"])
+def test_grouped_lora_in_bf16_on_cuda_is_as_close_to_fp32_as_the_reference(quant):
+    assert grouped.backend(torch.device("cuda"), torch.bfloat16) == "grouped_mm"
+    ours, reference = bf16_errors(quant, "cuda")
+    assert all(o < 0.03 and o < 2 * r + 0.005 for o, r in zip(ours, reference)), (ours, reference)
+
+
+@cuda_only
+def test_planned_peak_is_within_ten_percent_of_the_measured_one_on_cuda():
+    """Two Mixtral-8x7B-shaped NF4 layers, 2 x 1024 tokens, LoRA r16 on q,k,v,o,w1,w2,w3, 8-bit AdamW."""
+    import bitsandbytes as bnb
+    from transformers import MixtralConfig
+
+    from mtg_core.plan import plan_memory
+
+    config = MixtralConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                           vocab_size=32000, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2,
+                           max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = MtgMixtralForCausalLM(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.to_empty(device="cuda")
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.data.fill_(1.0)
+        else:
+            param.data.normal_(0, 0.02)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to("cuda")  # to_empty left its buffers blank
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child_name in TARGETS:
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                          quant_type="nf4", compress_statistics=True, device="meta")
+                layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                                 compress_statistics=True).to("cuda")
+                setattr(parent, child_name, layer)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    torch.cuda.empty_cache()
+    model = with_lora(model, rank=16)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    optimizer = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, 32000, (2, 1024), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    measured = torch.cuda.max_memory_allocated()
+    plan = plan_memory(config, TARGETS, 16, "nf4", 2, 1024, 2, "cuda", 0)
+    planned = plan.total_bytes - plan.overhead_bytes
+    assert abs(planned - measured) <= 0.1 * measured, (planned / 2**30, measured / 2**30)

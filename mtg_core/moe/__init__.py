@@ -1,0 +1,12 @@
+"""Mixtral's experts as per-expert Linear layers (4-bit while loading, LoRA by name), run in grouped GEMMs.
+
+layout: the model classes; grouped: the grouped-GEMM path (frozen weights and LoRA); checkpoints:
+fused-expert checkpoints rewritten in the hub layout.
+"""
+
+from mtg_core.moe.checkpoints import has_fused_experts, unfuse_checkpoint
+from mtg_core.moe.grouped import grouped_mm
+from mtg_core.moe.layout import ExpertMLP, LinearExperts, MtgMixtralConfig, MtgMixtralForCausalLM, MtgMixtralModel
+
+__all__ = ["ExpertMLP", "LinearExperts", "MtgMixtralConfig", "MtgMixtralForCausalLM", "MtgMixtralModel",
+           "grouped_mm", "has_fused_experts", "unfuse_checkpoint"]

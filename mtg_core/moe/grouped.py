@@ -1,0 +1,283 @@
+"""A MoE layer's experts in grouped GEMMs: frozen weights and peft's LoRA terms, every expert at once.
+
+Rows (token, slot) are sorted by expert; expert e owns rows ends[e-1]:ends[e]. `ends` stays a device
+tensor: nothing here reads it on the host, so the path has no host syncs. Per MoE layer and pass (the
+forward, and its recompute under gradient checkpointing) it launches: routing (sort, searchsorted,
+two gathers); one batched dequantisation per frozen group (w1|w3 and w2); two frozen grouped
+GEMMs; per LoRA tensor kind one stack of the experts' peft weights; four LoRA grouped GEMMs (w1 and w3
+share their input, so their A's are one GEMM); SiLU x up; the routing-weight product; one index_add.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+
+from mtg_core.errors import ConfigError
+
+BACKENDS = ("grouped_mm", "loop")  # torch._grouped_mm, or one matmul per expert (reads `ends` on the host)
+BACKEND_ENV = "MTG_MOE_BACKEND"
+_backends: dict[tuple[str, torch.dtype], str] = {}
+
+
+def backend(device: torch.device, dtype: torch.dtype) -> str:
+    """The grouped-GEMM backend for this device type and dtype, chosen once (MTG_MOE_BACKEND overrides)."""
+    key = (device.type, dtype)
+    if key not in _backends:
+        _backends[key] = _choose_backend(device, dtype)
+    return _backends[key]
+
+
+def _choose_backend(device: torch.device, dtype: torch.dtype) -> str:
+    requested = os.environ.get(BACKEND_ENV)
+    if requested:
+        if requested not in BACKENDS:
+            raise ConfigError(f"{BACKEND_ENV}={requested!r}: unknown MoE backend; use one of {', '.join(BACKENDS)} or unset it")
+        return requested
+    if not hasattr(torch, "_grouped_mm"):
+        return "loop"
+    try:  # a call is the only reliable check: kernels exist per GPU generation, dtype and torch build
+        ones = torch.ones(2, 8, 8, device=device, dtype=dtype)
+        torch._grouped_mm(ones[0], ones, offs=torch.tensor([1, 8], device=device, dtype=torch.int32))
+    except RuntimeError as exc:
+        logging.getLogger("mtg_core").warning(
+            "torch._grouped_mm unavailable on %s for %s (%s); experts use one matmul each",
+            device.type, dtype, str(exc).splitlines()[0])
+        return "loop"
+    return "grouped_mm"
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """torch._grouped_mm's layout rule: 16-byte aligned data and strides (the unit stride aside)."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(stride * size % 16 == 0 for stride in t.stride() if stride != 1)
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows of `x` [N, in] sorted by expert, times their expert's `weight[e]` [in, out]; differentiable."""
+    if backend(x.device, x.dtype) == "grouped_mm" and _aligned(x) and _aligned(weight):
+        return torch._grouped_mm(x, weight, offs=ends)
+    parts, start = [], 0
+    for expert, end in enumerate(ends.tolist()):  # the host sync the grouped kernel avoids
+        parts.append(x[start:end] @ weight[expert])
+        start = end
+    return torch.cat(parts)
+
+
+def _pad_rows(t: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
+    """`t` with `rows` zero rows appended along `dim` (LoRA ranks padded to _grouped_mm's alignment)."""
+    if not rows:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim) + [0, rows]
+    return nn.functional.pad(t, pad)
+
+
+def _weights(layers) -> list[torch.Tensor]:
+    return [getattr(layer, "base_layer", layer).weight for layer in layers]
+
+
+def _quantized(weight: torch.Tensor) -> bool:
+    return type(weight).__name__ == "Params4bit"
+
+
+def _matrix_shape(weight: torch.Tensor) -> torch.Size:
+    return weight.quant_state.shape if _quantized(weight) else weight.shape
+
+
+def _dequantizes_together(weights) -> bool:
+    """Whether a group of Params4bit can be dequantised as one tensor: same format, and no 4-bit block and
+    no block of the double-quantised constants straddling two matrices."""
+    first = weights[0].quant_state
+    for weight in weights:
+        state = weight.quant_state
+        if (state.shape != first.shape or state.blocksize != first.blocksize or state.quant_type != first.quant_type
+                or state.nested != first.nested or state.shape.numel() % state.blocksize):
+            return False
+        if state.nested and (state.state2.blocksize != first.state2.blocksize or state.absmax.numel() % state.state2.blocksize):
+            return False
+    return True
+
+
+def stacked_frozen_weights(groups, dtype: torch.dtype) -> torch.Tensor:
+    """[E, out, in]: per expert, its frozen Linear weights (w1 and w3, or w2) concatenated along `out`.
+
+    All of a group's weights are NF4, or none is (grouped_adapters checks)."""
+    weights = _weights(layer for group in groups for layer in group)
+    shapes = [_matrix_shape(w) for w in weights]
+    stacked_shape = (len(groups), sum(s[0] for s in shapes[: len(groups[0])]), shapes[0][1])
+    if not _quantized(weights[0]):
+        return torch.cat(weights).to(dtype).view(stacked_shape)
+    if _dequantizes_together(weights):
+        return _dequantize_together(weights, stacked_shape, dtype)
+    return _dequantize_each(weights, dtype).view(stacked_shape)
+
+
+def _dequantize_together(weights, shape, dtype: torch.dtype) -> torch.Tensor:
+    """All matrices of a group in one dequantisation: their packed data and constants concatenated.
+
+    bitsandbytes quantises each matrix on its own (own absmax, own double-quantisation offset), but its
+    kernels only need the blocks in order: with no block straddling two matrices, the concatenation is
+    the same maths as one call per matrix, in a few launches instead of a few per matrix. The copy of the
+    packed data costs a quarter of the bf16 output's traffic.
+    """
+    import bitsandbytes.functional as bnbf
+
+    states = [w.quant_state for w in weights]
+    first = states[0]
+    with torch._C.DisableTorchFunctionSubclass():  # plain tensors: Params4bit would wrap the result
+        packed = torch.cat(weights)
+    absmax = torch.stack([s.absmax for s in states])  # the kernels read absmax as flat memory: [M, blocks] is fine
+    if first.nested:
+        nested = bnbf.QuantState(absmax=torch.cat([s.state2.absmax for s in states]), code=first.state2.code,
+                                 blocksize=first.state2.blocksize, dtype=torch.float32)
+        absmax = bnbf.dequantize_blockwise(absmax, nested) + torch.stack([s.offset for s in states]).view(-1, 1)
+    state = bnbf.QuantState(absmax=absmax, shape=torch.Size(shape), code=first.code, blocksize=first.blocksize,
+                            quant_type=first.quant_type, dtype=dtype)
+    return bnbf.dequantize_4bit(packed, state)
+
+
+def _dequantize_each(weights, dtype: torch.dtype) -> torch.Tensor:
+    """One dequantisation per matrix into one buffer (matrices whose blocks do not line up)."""
+    import bitsandbytes.functional as bnbf
+
+    rows = [w.quant_state.shape[0] for w in weights]
+    stacked = torch.empty(sum(rows), weights[0].quant_state.shape[1], dtype=dtype, device=weights[0].device)
+    for weight, target in zip(weights, stacked.split(rows)):
+        if target.is_cuda and weight.quant_state.dtype == dtype:
+            bnbf.dequantize_4bit(weight.data, weight.quant_state, out=target)
+        else:  # bitsandbytes has no CPU out= kernel
+            target.copy_(bnbf.dequantize_4bit(weight.data, weight.quant_state))
+    return stacked
+
+
+class FrozenGroupedLinear(torch.autograd.Function):
+    """x @ W_e.T for every expert at once, with the frozen W_e of each expert stacked [E, out, in].
+
+    The dequantised weights are saved for backward instead of the inputs, which frozen weights do not
+    need. Under non-reentrant gradient checkpointing the first forward's saved tensors are dropped and
+    rebuilt by the recompute, so each expert weight is dequantised exactly twice per step (forward,
+    recompute) and only the layer in backward holds its dequantised experts.
+    """
+
+    @staticmethod
+    def forward(ctx, x, ends, groups):
+        weight = stacked_frozen_weights(groups, x.dtype)
+        ctx.save_for_backward(weight, ends)
+        return grouped_mm(x, weight.transpose(1, 2), ends)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, ends = ctx.saved_tensors
+        # contiguous(): torch._grouped_mm rejects the stride-0 gradients that e.g. y.sum() produces
+        return grouped_mm(grad_out.contiguous(), weight, ends), None, None
+
+
+KINDS = ("w1", "w3", "w2")
+
+
+def _frozen_linear(layer: nn.Module) -> bool:
+    base = getattr(layer, "base_layer", layer)
+    return isinstance(base, nn.Linear) and base.bias is None and not base.weight.requires_grad
+
+
+def _vanilla_lora(layer: nn.Module) -> bool:
+    """peft's plain, unmerged LoRA (no DoRA or other variant, no LoRA bias)."""
+    return hasattr(layer, "lora_A") and not layer.merged and not layer.lora_variant and not any(layer.lora_bias.values())
+
+
+def _same_lora(layer: nn.Module, head: nn.Module, adapter: str) -> bool:
+    if adapter not in layer.lora_A:
+        return False
+    dropout, head_dropout = layer.lora_dropout[adapter], head.lora_dropout[adapter]
+    return (layer.r[adapter] == head.r[adapter] and layer.scaling[adapter] == head.scaling[adapter]
+            and type(dropout) is type(head_dropout) and getattr(dropout, "p", None) == getattr(head_dropout, "p", None))
+
+
+def grouped_adapters(experts) -> list[str] | None:
+    """The peft adapters whose LoRA terms the grouped path adds to this layer's experts ([] for none), or None
+    when the experts need the per-expert loop: a base that is not a frozen bias-free Linear, NF4 mixed with
+    other weights, LoRA variants, or LoRA that differs between experts."""
+    kinds = [[getattr(expert, name) for expert in experts] for name in KINDS]
+    layers = [layer for kind in kinds for layer in kind]
+    if not all(_frozen_linear(layer) for layer in layers) or len({_quantized(w) for w in _weights(layers)}) > 1:
+        return None
+    if not any(hasattr(layer, "lora_A") for layer in layers):
+        return []
+    head = layers[0]
+    if not all(_vanilla_lora(layer) and layer.disable_adapters == head.disable_adapters
+               and layer.active_adapters == head.active_adapters for layer in layers):
+        return None
+    adapters = [] if head.disable_adapters else [a for a in head.active_adapters if a in head.lora_A]
+    if not all(_same_lora(layer, kind[0], adapter) for adapter in adapters for kind in kinds for layer in kind):
+        return None
+    return adapters
+
+
+class _Stacked(torch.autograd.Function):
+    """torch.stack(weights).to(dtype) whose backward hands each weight its gradient slice in one unbind.
+
+    autograd's own stack backward selects the slices one by one: one op per expert and LoRA tensor,
+    ~90 of a tiny model's step, where the dispatcher's per-op cost is what a CPU step spends its time on.
+    """
+
+    @staticmethod
+    def forward(ctx, dtype, *weights):
+        ctx.dtype = weights[0].dtype
+        return torch.stack(weights).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, *grad.to(ctx.dtype).unbind(0)
+
+
+def lora_terms(x: torch.Tensor, ends: torch.Tensor, kinds, adapter: str) -> list[torch.Tensor]:
+    """lora_B(lora_A(dropout(x))) of each kind of matrix for all experts, unscaled, in grouped GEMMs.
+
+    peft's per-expert A [r, in] and B [out, r] weights (the trainable parameters it saves) are stacked
+    per layer, A [E, in, r] and B [E, r, out]; gradients flow back to them through the stack. Dropout
+    is peft's module of each kind, applied to the sorted rows: each (token, expert, matrix) gets its own
+    mask, as in peft's per-expert modules. The ranks are padded with zeros to torch._grouped_mm's 16-byte
+    alignment. LoRA runs in the compute dtype (peft would upcast the input to the fp32 LoRA weights).
+    """
+    experts, rank = len(kinds[0]), kinds[0][0].r[adapter]
+    padding = -rank % (16 // x.element_size())
+    dropouts = [kind[0].lora_dropout[adapter] for kind in kinds]
+    a_weights = [[layer.lora_A[adapter].weight for layer in kind] for kind in kinds]
+    if all(isinstance(dropout, nn.Identity) for dropout in dropouts):  # one input: one GEMM for every kind's A
+        stacked = _pad_rows(_Stacked.apply(x.dtype, *(w for expert in zip(*a_weights) for w in expert)), padding, 1)
+        a = stacked.view(experts, len(kinds) * (rank + padding), -1).transpose(1, 2)
+        inner = grouped_mm(x, a, ends).split(rank + padding, dim=1)
+    else:
+        inner = [grouped_mm(dropout(x), _pad_rows(_Stacked.apply(x.dtype, *ws), padding, 1).transpose(1, 2), ends)
+                 for dropout, ws in zip(dropouts, a_weights)]
+    terms = []
+    for kind, projected in zip(kinds, inner):
+        b = _pad_rows(_Stacked.apply(x.dtype, *(layer.lora_B[adapter].weight for layer in kind)), padding, 2)
+        terms.append(grouped_mm(projected, b.transpose(1, 2), ends))
+    return terms
+
+
+def grouped_experts_forward(experts, adapters, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    """What transformers' MixtralExperts computes, with `experts` a list of ExpertMLP (w1, w3, w2)."""
+    top_k = top_k_index.shape[1]
+    with torch.no_grad():  # searchsorted, not bincount: CUDA's bincount reads its input's maximum on the host
+        routed, order = top_k_index.reshape(-1).sort(stable=True)
+        ends = torch.searchsorted(routed, torch.arange(len(experts), device=routed.device), right=True, out_int32=True)
+        token = order // top_k
+    x = hidden_states.index_select(0, token)
+    w1, w3, w2 = ([getattr(expert, name) for expert in experts] for name in ("w1", "w3", "w2"))
+    gate, up = FrozenGroupedLinear.apply(x, ends, list(zip(w1, w3))).chunk(2, dim=-1)
+    for adapter in adapters:
+        gate_term, up_term = lora_terms(x, ends, [w1, w3], adapter)
+        gate = torch.add(gate, gate_term, alpha=w1[0].scaling[adapter])
+        up = torch.add(up, up_term, alpha=w3[0].scaling[adapter])
+    h = experts[0].act_fn(gate) * up
+    y = FrozenGroupedLinear.apply(h, ends, [(layer,) for layer in w2])
+    for adapter in adapters:
+        (down_term,) = lora_terms(h, ends, [w2], adapter)
+        y = torch.add(y, down_term, alpha=w2[0].scaling[adapter])
+    y = y * top_k_weights.reshape(-1, 1).index_select(0, order)
+    return torch.zeros_like(hidden_states).index_add_(0, token, y.to(hidden_states.dtype))
