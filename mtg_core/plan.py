@@ -99,7 +99,9 @@ def plan_memory(model_config, target_modules, rank: int, quant: str, batch_size:
     saved = layers * tokens * hidden * compute_bytes
     attention = tokens * (6 * hidden + 2 * kv + 3 * hidden) * compute_bytes
     moe = tokens * top_k * (2 * hidden + 5 * inter + hidden) * compute_bytes + tokens * experts * 4
-    dequantized = 3 * hidden * inter * compute_bytes if quant == "nf4" else 0
+    # The grouped expert path holds a whole layer's experts stacked in the compute dtype (saved for backward),
+    # plus, for NF4, the packed copy of the larger group (w1|w3) while it is dequantised in one call.
+    dequantized = experts * 3 * hidden * inter * compute_bytes + (experts * hidden * inter if quant == "nf4" else 0)
     activation = saved + 2 * (attention + moe) + dequantized  # forward recompute + its gradients
     logits = tokens * c.vocab_size * (compute_bytes + 4 + 4)  # logits, fp32 upcast, fp32 gradient
     return MemoryPlan(

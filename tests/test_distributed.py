@@ -9,19 +9,25 @@ from safetensors.torch import load_file
 from conftest import ROOT, cli_env, make_dist
 
 BIN = Path(sys.executable).parent
-EXPLAIN_DATA = ROOT / "mtg_expert_explain" / "mtg_expert_explain" / "data" / "training" / "explain_examples.jsonl"
-# EXPLAIN's template and data with LoRA dropout 0: dropout masks differ between one and two processes
-NODROP = """import attrs
-from mtg_core import ExpertInfo, LoraSettings
-from mtg_expert_explain.plugin import plugin as explain
-plugin = attrs.evolve(explain, info=ExpertInfo("nodrop", "EXPLAIN without dropout"), lora=LoraSettings(16, 32, 0.0))
-"""
+EXPLAIN = ROOT / "mtg_expert_explain" / "mtg_expert_explain"
+EXPLAIN_DATA = EXPLAIN / "data" / "training" / "explain_examples.jsonl"
+# EXPLAIN's template and data with LoRA dropout 0 (dropout masks differ between one and two processes), as a package of its own
+NODROP = {
+    "mtg_expert_nodrop/__init__.py": "",
+    "mtg_expert_nodrop/plugin.py": """from mtg_core import ExpertInfo, LoraSettings, PackagedExpert
+plugin = PackagedExpert(info=ExpertInfo("nodrop", "EXPLAIN without dropout"), lora=LoraSettings(16, 32, 0.0),
+                        package=__package__, eval_prompts=["What does trample do?"])
+""",
+    "mtg_expert_nodrop/template.txt": (EXPLAIN / "template.txt").read_text(),
+    "mtg_expert_nodrop/data/training/nodrop_examples.jsonl": EXPLAIN_DATA.read_text(),
+    "mtg_expert_nodrop/data/heldout/nodrop_heldout.jsonl": (EXPLAIN / "data" / "heldout" / "explain_heldout.jsonl").read_text(),
+}
 COMMON = ["--expert", "nodrop", "--data", str(EXPLAIN_DATA), "--max-samples", "16", "--max-steps", "4", "--seq-len", "256",
           "--grad-accum", "1", "--seed", "7"]
 
 
 def test_two_gloo_processes_train_one_adapter_equal_to_one_process(tmp_path):
-    env = cli_env(make_dist(tmp_path / "site", "mtg-expert-nodrop", {"nodrop": "mtg_nodrop:plugin"}, {"mtg_nodrop.py": NODROP}),
+    env = cli_env(make_dist(tmp_path / "site", "mtg-expert-nodrop", {"nodrop": "mtg_expert_nodrop.plugin:plugin"}, NODROP),
                   MTG_PLUGINS="explain,nodrop")
     single = subprocess.run([str(BIN / "mtg-train"), *COMMON, "--batch-size", "4", "--output-dir", str(tmp_path / "one")],
                             env=env, capture_output=True, text=True)

@@ -1,6 +1,7 @@
 """mtg-eval and mtg-ask on the embedded model: held-out loss, samples, one base for every adapter."""
 
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -68,7 +69,7 @@ def test_missing_adapter_and_adapter_of_another_base_are_clear_errors(adapters, 
     assert missing.exit_code == 2 and f"{tmp_path}/teach: no adapter" in missing.output and "mtg-train --expert teach" in missing.output
     moved = tmp_path / "moved"
     moved.mkdir()
-    (moved / "teach").mkdir()
+    shutil.copytree(out / "teach", moved / "teach")
     config = json.loads((out / "teach" / "adapter_config.json").read_text())
     (moved / "teach" / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/models/other-base"}))
     other = CliRunner().invoke(eval_command, ["--expert", "teach", "--adapters", str(moved), "--base-model", "tiny-mixtral"])
