@@ -3,6 +3,7 @@
     python benchmarks/gpu_moe.py                 # one H100/H200: 8 layers x 4096 tokens/step, a few minutes
     python benchmarks/gpu_moe.py --layers 4 8 --tokens 2048 4096   # the issue's full table
     python benchmarks/gpu_moe.py --small         # CPU smoke run with tiny shapes (the test suite runs this)
+    python benchmarks/gpu_moe.py --full          # the whole 32-layer model, experts streamed under 16/24 GiB budgets
 
 Each configuration builds a Mixtral with random weights (hidden 4096, intermediate 14336, 8 experts
 top-2, 32/8 heads, vocab 32000) and a few layers, then times forward + backward + paged 8-bit AdamW
@@ -21,6 +22,14 @@ forward and 2N for the input gradient; the recompute, the LoRA terms and attenti
 counted. The nf4 row also has the aten ops one step dispatches (forward + backward, and optimizer) and
 the optimizer step's time for paged and non-paged 8-bit AdamW and torch's fused AdamW. A first line
 checks logits and one step's LoRA gradients of nf4 against bf16 (relative error).
+
+--full builds the whole 32-layer Mixtral-shaped model in NF4 from random weights, one matrix at a time
+(never all bf16 at once), with the experts of the layers mtg_core's memory plan streams put in pinned
+host memory as they are quantised, and trains it under GPU budgets applied with
+torch.cuda.set_per_process_memory_fraction (so the run behaves like a smaller card): --offload-experts
+none (no budget), auto at 24 GiB, auto and all at 16 GiB, each at 4 x 512 and 8 x 512 tokens per step.
+Each row: tokens/s and its ratio to the resident run, peak allocated and reserved, the planned total,
+streamed layers, host memory, and copies per step (measured and planned).
 """
 
 from __future__ import annotations
@@ -233,6 +242,134 @@ def check_against_bf16(layers, seq, small, device, dtype):
             "lora_tensors_compared": len(errors)}
 
 
+FULL_RUNS = [("none", None), ("auto", 24), ("auto", 16), ("all", 16)]  # (--offload-experts, GiB budget)
+
+
+def build_full(layers: int, small: bool, device: str, dtype: torch.dtype, streamed: tuple[int, ...]):
+    """The model quantised one matrix at a time from random weights; `streamed` layers' experts go to host memory."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
+
+    from mtg_core.moe.streaming import attach, install_streamed_layer, quantized_linear
+
+    config = MixtralConfig(num_hidden_layers=layers, num_local_experts=8, num_experts_per_tok=2,
+                           max_position_embeddings=4096, tie_word_embeddings=False, **(SMALL if small else MIXTRAL))
+    config.mtg_streamed_layers = list(streamed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = MtgMixtralForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def random(rows, columns):
+        return torch.randn(rows, columns, device=device, dtype=dtype, generator=generator) * 0.02
+
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and any(part in f".{parent_name}.{child_name}." for part in QUANTIZED_PARTS):
+                setattr(parent, child_name, quantized_linear(random(child.out_features, child.in_features)))
+    for module in model.modules():  # embeddings, norms, router, lm_head: in the compute dtype
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.device.type == "meta":
+                value = torch.ones(param.shape, device=device, dtype=dtype) if "norm" in type(module).__name__.lower() \
+                    else random(*param.shape) if param.dim() == 2 else torch.zeros(param.shape, device=device, dtype=dtype)
+                setattr(module, name, nn.Parameter(value, requires_grad=False))
+    hidden, inter = config.hidden_size, config.intermediate_size
+    shapes = {"w1": (inter, hidden), "w3": (inter, hidden), "w2": (hidden, inter)}
+    hosted = [install_streamed_layer(model, index, {(e, n): quantized_linear(random(*shape)) for e in range(8) for n, shape in shapes.items()},
+                                     pin=device == "cuda") for index in streamed]
+    if hosted:
+        attach(model, hosted)
+    model.model.rotary_emb = MixtralRotaryEmbedding(config).to(device)
+    return model
+
+
+def full_config(small: bool):
+    from transformers import MixtralConfig
+
+    return MixtralConfig(num_hidden_layers=4 if small else 32, num_local_experts=8, num_experts_per_tok=2,
+                         max_position_embeddings=4096, tie_word_embeddings=False, **(SMALL if small else MIXTRAL))
+
+
+def measure_full(runs, token_counts, seq, steps, small, device, dtype) -> list[dict]:
+    """Each (offload, budget) at each token count, building the model anew only when the streamed layers change."""
+    import bitsandbytes as bnb
+    import psutil
+
+    from mtg_core.plan import streamed_copies
+
+    config = full_config(small)
+    total = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else psutil.virtual_memory().total
+    rows, resident_speed, built, model, optimizer = [], {}, None, None, None
+    for offload, budget_gib in runs:
+        budget = int(budget_gib * GIB) if budget_gib else total
+        for tokens in token_counts:
+            plan = plan_memory(config, TARGETS, 16, "nf4", tokens // seq, seq, dtype.itemsize, device, budget, offload=offload,
+                               host_free_bytes=psutil.virtual_memory().available)
+            row = {"offload_experts": offload, "budget_gib": budget_gib, "tokens_per_step": tokens, "layers": config.num_hidden_layers,
+                   "streamed_layers": plan.offloaded_layers, "planned_gib": round((plan.total_bytes - plan.overhead_bytes) / GIB, 3),
+                   "planned_host_gib": round(plan.host_bytes / GIB, 3)}
+            if not plan.fits:
+                rows.append({**row, "skipped": "does not fit this budget by the plan"})
+                continue
+            if built != (budget, plan.streamed_layers):
+                model = optimizer = None
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
+                    torch.cuda.reset_peak_memory_stats()
+                started = time.perf_counter()
+                model = add_lora(build_full(config.num_hidden_layers, small, device, dtype, plan.streamed_layers))
+                row["build_s"] = round(time.perf_counter() - started, 1)
+                optimizer = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+                model.train()
+                built = (budget, plan.streamed_layers)
+            streamer = getattr(model.base_model.model, "expert_streamer", None)
+            batch = torch.randint(0, config.vocab_size, (tokens // seq, seq), device=device, generator=torch.Generator(device=device).manual_seed(2))
+
+            def train_step():
+                model(input_ids=batch, labels=batch).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            try:
+                train_step()  # warm-up
+                synchronize(device)
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                copies = streamer.copies if streamer else 0
+                started = time.perf_counter()
+                for _ in range(steps):
+                    train_step()
+                synchronize(device)
+                elapsed = time.perf_counter() - started
+            except torch.OutOfMemoryError as exc:
+                rows.append({**row, "out_of_memory": str(exc).splitlines()[0][:160]})
+                built = None
+                continue
+            speed = tokens * steps / elapsed
+            if offload == "none":
+                resident_speed[tokens] = speed
+            rows.append({
+                **row,
+                "tokens_per_s": round(speed, 1),
+                "ratio_to_resident": round(speed / resident_speed[tokens], 3) if tokens in resident_speed else None,
+                "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 3) if device == "cuda" else None,
+                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3) if device == "cuda" else None,
+                "host_rss_gib": round(psutil.Process().memory_info().rss / GIB, 3),
+                "copies_per_step": ((streamer.copies - copies) / steps) if streamer else 0,
+                "planned_copies_per_step": streamed_copies(plan.offloaded_layers),
+            })
+    model = optimizer = None
+    if device == "cuda":
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny shapes on the CPU: a smoke run, no timing meaning")
@@ -241,6 +378,7 @@ def main():
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--full", action="store_true", help="the whole 32-layer model under 16/24 GiB budgets, experts streamed")
     args = parser.parse_args()
     device = "cpu" if args.small or not torch.cuda.is_available() else "cuda"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -249,6 +387,12 @@ def main():
     print(json.dumps({"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
                       "date": time.strftime("%Y-%m-%d"),
                       "mfu_convention": "4N FLOPs/token (N: active frozen weights incl. lm_head) / 989e12 (H100 dense bf16)"}))
+    if args.full:
+        token_counts = [256] if args.small else [2048, 4096]
+        runs = [("none", None), ("all", None)] if args.small else FULL_RUNS
+        for row in measure_full(runs, token_counts, args.seq, 2 if args.small else 3, args.small, device, dtype):
+            print(json.dumps(row))
+        return
     print(json.dumps(check_against_bf16(args.layers[0], args.seq, args.small, device, dtype)))
     for layers in args.layers:
         for tokens in args.tokens:

@@ -257,8 +257,13 @@ def unfused_copy(folder: Path, log: Callable[[str], None]) -> Path:
     return target
 
 
-def load_base(choice: BaseChoice, quant: str, log: Callable[[str], None] = print, tokenizer=None) -> LoadedBase:
-    """Load the base for training: per-expert Linear layout for Mixtral, NF4 quantised while loading."""
+def load_base(choice: BaseChoice, quant: str, log: Callable[[str], None] = print, tokenizer=None,
+              streamed_layers: tuple[int, ...] = ()) -> LoadedBase:
+    """Load the base for training: per-expert Linear layout for Mixtral, NF4 quantised while loading.
+
+    `streamed_layers`: layers whose NF4 experts go to host memory as they are quantised (the memory plan's
+    choice for --offload-experts); they never sit on the device all at once.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     from mtg_core.moe import MtgMixtralForCausalLM, has_fused_experts
@@ -274,6 +279,10 @@ def load_base(choice: BaseChoice, quant: str, log: Callable[[str], None] = print
     location = choice.location
     if model_class is MtgMixtralForCausalLM and Path(location).is_dir() and has_fused_experts(location):
         location = unfused_copy(Path(location), log)
+    if streamed_layers and (model_class is not MtgMixtralForCausalLM or quant != "nf4"):
+        raise BaseModelError(f"{choice.name}: streaming experts from host memory needs a Mixtral model in nf4; use --offload-experts none")
+    if streamed_layers:
+        config.mtg_streamed_layers = list(streamed_layers)
     quantization_config = None
     if quant == "nf4":
         quantization_config = BitsAndBytesConfig(
@@ -300,6 +309,10 @@ def load_base(choice: BaseChoice, quant: str, log: Callable[[str], None] = print
             f"{choice.name}: the checkpoint lacks {len(info['missing_keys'])} weights (e.g. {sorted(info['missing_keys'])[0]}); "
             "the 4-bit Mixtral loads the hub layout (experts.N.w1/w2/w3) or fused experts (experts.gate_up_proj/down_proj)"
         )
+    if streamed_layers:
+        from mtg_core.moe.streaming import load_streamed_experts
+
+        load_streamed_experts(model, location, list(streamed_layers), dtype, log)
     report = count_quantized(model)
     if quant == "nf4" and report.quantized_weights < report.total_weights:
         raise BaseModelError(

@@ -18,6 +18,7 @@ import click
 
 from mtg_core.errors import ConfigError, MtgError
 from mtg_core.listing import expert_rows, print_table, refuse_problems
+from mtg_core.plan import OFFLOAD_CHOICES
 from mtg_core.plugins import ALLOW_LIST_ENV, Registry
 
 log = logging.getLogger("mtg_core")
@@ -132,6 +133,11 @@ def _setup_logging(output_dir: Path) -> None:
 @click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True)
 @click.option("--quant", type=click.Choice(["nf4", "none"]), default="nf4", show_default=True,
               help="nf4: every attention and expert weight in 4-bit (QLoRA); none: the compute dtype.")
+@click.option("--offload-experts", type=click.Choice(OFFLOAD_CHOICES), default="auto", show_default=True,
+              help="Keep NF4 experts of some layers in host memory and stream them to the GPU as they run: auto streams "
+                   "as few layers as the memory plan needs (none on a big GPU), all streams every layer (16 GB cards).")
+@click.option("--gpu-memory", type=click.FloatRange(min=0, min_open=True), metavar="GIB",
+              help="GPU memory to plan for (default: what is free on the device); --offload-experts auto fits the run into it.")
 @click.option("--save-steps", type=click.IntRange(min=1), help="Checkpoint every N steps (the last 3 are kept) for --resume.")
 @click.option("--resume", is_flag=True, help="Continue the newest complete checkpoint of an interrupted run.")
 @click.option("--force", is_flag=True, help="With --resume: resume although settings changed; without: discard an interrupted run.")
@@ -342,7 +348,8 @@ def _train_locked(registry, experts, runs, base_model, output_dir: Path, options
     runs = [plan_resume(run, options, output_dir, choice.identity, resume, force) for run in runs]
     tokenizer = load_tokenizer(choice)
     runs = [tokenize_run(run, tokenizer, options.seq_len) for run in runs]
-    base = load_base(choice, options.quant, log.info, tokenizer)
+    streamed = _streamed_layers(choice, [run.expert for run in runs], [run.lora for run in runs], options)
+    base = load_base(choice, options.quant, log.info, tokenizer, streamed_layers=streamed)
     for done, run in enumerate(runs, 1):
         train_expert(base, registry, run, options, output_dir)
         STOP.phase = "setup"
@@ -351,6 +358,29 @@ def _train_locked(registry, experts, runs, base_model, output_dir: Path, options
             raise TrainingInterrupted(STOP.signum, f"stopped by {signal.Signals(STOP.signum).name} after {run.expert.name}'s adapter was saved{left}")
     if eval_after and rank() == 0:
         run_eval(registry, experts, output_dir, choice, base, max_new_tokens=48, seq_len=options.seq_len, no_fail=False)
+
+
+def _streamed_layers(choice, experts: list, loras: list, options) -> tuple[int, ...]:
+    """The layers whose experts stream from host memory: the most any expert's plan needs (one base serves all)."""
+    from mtg_core.train import memory_plan
+
+    streamed = ()
+    for expert, lora in zip(experts, loras):
+        plan, advice = memory_plan(choice, lora, options)
+        if not plan.fits:
+            log.warning("%s: the memory plan (%.2f GiB) does not fit the %.2f GiB %s; %s", expert.name, plan.total_bytes / 1024**3,
+                        plan.device_free_bytes / 1024**3, "budget" if options.gpu_memory else "free", f"to fit: {advice}" if advice else "see --plan")
+        streamed = max(streamed, plan.streamed_layers, key=len)
+    return streamed
+
+
+def _inference_streaming(registry, experts, choice, quant: str, offload: str, gpu_memory: float | None) -> tuple[int, ...]:
+    """For mtg-eval and mtg-ask: the training plan at batch 1 (it counts LoRA gradients and optimizer state that
+    inference does not need, so it streams no fewer layers than necessary)."""
+    from mtg_core.train import TrainOptions
+
+    options = TrainOptions(batch_size=1, grad_accum=1, quant=quant, offload_experts=offload, gpu_memory=gpu_memory)
+    return _streamed_layers(choice, experts, [registry.lora_settings(e) for e in experts], options)
 
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
@@ -443,9 +473,11 @@ def run_eval(registry: Registry, experts: list, adapters: Path, choice, base, ma
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=48, show_default=True)
 @click.option("--seq-len", type=click.IntRange(16, 32768), default=512, show_default=True)
 @click.option("--quant", type=click.Choice(["nf4", "none"]), default="nf4", show_default=True)
+@click.option("--offload-experts", type=click.Choice(OFFLOAD_CHOICES), default="auto", show_default=True, help="As for mtg-train.")
+@click.option("--gpu-memory", type=click.FloatRange(min=0, min_open=True), metavar="GIB", help="As for mtg-train.")
 @click.option("--no-fail", is_flag=True, help="Report only: exit 0 even when an adapter does not lower its held-out loss.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def eval_command(expert, all_experts, base_model, adapters, max_new_tokens, seq_len, quant, no_fail, debug):
+def eval_command(expert, all_experts, base_model, adapters, max_new_tokens, seq_len, quant, offload_experts, gpu_memory, no_fail, debug):
     """Verify adapters: held-out loss and greedy answers to each expert's evaluation prompts, base vs adapter."""
     with _reported_errors(debug):
         registry = Registry.discover()
@@ -458,7 +490,8 @@ def eval_command(expert, all_experts, base_model, adapters, max_new_tokens, seq_
 
         for e in experts:  # before the base loads
             check_adapter(adapters, e.name, choice)
-        base = load_base(choice, quant, lambda line: click.echo(line, err=True))
+        streamed = _inference_streaming(registry, experts, choice, quant, offload_experts, gpu_memory)
+        base = load_base(choice, quant, lambda line: click.echo(line, err=True), streamed_layers=streamed)
         run_eval(registry, experts, adapters, choice, base, max_new_tokens, seq_len, no_fail)
 
 
@@ -470,14 +503,16 @@ def eval_command(expert, all_experts, base_model, adapters, max_new_tokens, seq_
 @click.option("--adapters", type=click.Path(file_okay=False), default="adapters", show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=200, show_default=True)
 @click.option("--quant", type=click.Choice(["nf4", "none"]), default="nf4", show_default=True)
+@click.option("--offload-experts", type=click.Choice(OFFLOAD_CHOICES), default="auto", show_default=True, help="As for mtg-train.")
+@click.option("--gpu-memory", type=click.FloatRange(min=0, min_open=True), metavar="GIB", help="As for mtg-train.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def ask_command(question, expert, interactive, base_model, adapters, max_new_tokens, quant, debug):
+def ask_command(question, expert, interactive, base_model, adapters, max_new_tokens, quant, offload_experts, gpu_memory, debug):
     """Answer an MTG question with a trained expert; --interactive keeps every adapter on one loaded base."""
     with _reported_errors(debug):
-        _ask(question, expert, interactive, base_model, Path(adapters), max_new_tokens, quant)
+        _ask(question, expert, interactive, base_model, Path(adapters), max_new_tokens, quant, offload_experts, gpu_memory)
 
 
-def _ask(question, name, interactive, base_model, adapters: Path, max_new_tokens: int, quant: str) -> None:
+def _ask(question, name, interactive, base_model, adapters: Path, max_new_tokens: int, quant: str, offload="auto", gpu_memory=None) -> None:
     from mtg_core.base_models import load_base
     from mtg_core.evaluate import attach_adapters, check_adapter, generate, prompt_for
 
@@ -497,7 +532,8 @@ def _ask(question, name, interactive, base_model, adapters: Path, max_new_tokens
             raise ConfigError("give --expert NAME (see mtg-train --list)")
     choice = _base_for(adapters, experts, base_model)
     folders = {e.name: check_adapter(adapters, e.name, choice) for e in experts}
-    base = load_base(choice, quant, lambda line: click.echo(line, err=True))
+    streamed = _inference_streaming(registry, experts, choice, quant, offload, gpu_memory)
+    base = load_base(choice, quant, lambda line: click.echo(line, err=True), streamed_layers=streamed)
     model = attach_adapters(base.model, folders)
     from transformers import TextStreamer
 

@@ -33,22 +33,37 @@ class MemoryPlan:
     overhead_bytes: int
     device_free_bytes: int
     device: str
+    # Experts streamed from host memory (see mtg_core.moe.streaming); weights_4bit_bytes excludes their packed data.
+    streamed_layers: tuple[int, ...] = ()
+    staging_bytes: int = 0  # the device buffers streamed experts are copied into
+    host_bytes: int = 0  # pinned host memory holding the streamed experts
+    host_free_bytes: int | None = None
+    transfer_bytes_per_step: int = 0  # host -> device per optimizer step, in the steady state
 
     @property
     def weights_bytes(self) -> int:
         return self.weights_4bit_bytes + self.weights_other_bytes
 
     @property
+    def offloaded_layers(self) -> int:
+        return len(self.streamed_layers)
+
+    @property
     def total_bytes(self) -> int:
         return (self.weights_bytes + self.lora_bytes + self.gradient_bytes + self.optimizer_bytes
-                + self.activation_bytes + self.logits_bytes + self.overhead_bytes)
+                + self.activation_bytes + self.logits_bytes + self.staging_bytes + self.overhead_bytes)
+
+    @property
+    def host_fits(self) -> bool:
+        return self.host_free_bytes is None or self.host_bytes <= self.host_free_bytes
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.device_free_bytes
+        return self.total_bytes <= self.device_free_bytes and self.host_fits
 
     def as_dict(self) -> dict:
-        return {**attrs.asdict(self), "weights_bytes": self.weights_bytes, "total_bytes": self.total_bytes, "fits": self.fits}
+        return {**attrs.asdict(self), "streamed_layers": list(self.streamed_layers), "offloaded_layers": self.offloaded_layers,
+                "weights_bytes": self.weights_bytes, "total_bytes": self.total_bytes, "fits": self.fits}
 
 
 def nf4_bytes(numel: int) -> int:
@@ -57,9 +72,66 @@ def nf4_bytes(numel: int) -> int:
     return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 * 256 + 4 * 16
 
 
+OFFLOAD_CHOICES = ("auto", "none", "all")
+# --offload-experts auto plans to this share of the budget: the caching allocator reserves more than is
+# allocated (fragmentation), and a 16 GB card must keep room for its CUDA context.
+AUTO_SHARE = 0.9
+
+
+def spread(count: int, layers: int) -> tuple[int, ...]:
+    """`count` of `layers` layer indices, evenly spaced: streamed layers between resident ones give each copy
+    more compute to hide behind than a block of streamed layers would."""
+    return tuple(int((i + 0.5) * layers / count) for i in range(count))
+
+
+def streamed_copies(streamed: int) -> int:
+    """Copies per forward + backward of a micro-batch with two staging buffers, in the steady state: the
+    forward runs the streamed layers up, the checkpoint recompute down, and each turn finds its two end
+    layers still in the buffers (mtg_core.moe.streaming prefetches in that order)."""
+    return max(0, 2 * streamed - 4)
+
+
 def plan_memory(model_config, target_modules, rank: int, quant: str, batch_size: int, seq_len: int,
-                compute_bytes: int, device: str, device_free_bytes: int) -> MemoryPlan:
-    """Plan one run; `model_config` is a transformers config (nothing is allocated)."""
+                compute_bytes: int, device: str, device_free_bytes: int, *, offload: str = "none", grad_accum: int = 1,
+                host_free_bytes: int | None = None) -> MemoryPlan:
+    """Plan one run; `model_config` is a transformers config (nothing is allocated).
+
+    offload: "none" keeps every expert on the device, "all" streams every layer's NF4 experts from host
+    memory, "auto" streams the fewest layers that make the run fit `device_free_bytes`.
+    """
+    plan = _plan_memory(model_config, target_modules, rank, quant, batch_size, seq_len, compute_bytes, device,
+                        device_free_bytes, host_free_bytes)
+    layers = model_config.num_hidden_layers
+    if quant != "nf4" or offload == "none" or not getattr(model_config, "num_local_experts", 0):
+        return plan
+    for streamed in ([layers] if offload == "all" else range(1, layers + 1)):
+        if offload == "auto" and plan.total_bytes <= AUTO_SHARE * device_free_bytes:
+            break  # auto: as many layers resident as fit
+        plan = streaming(plan, model_config, streamed, grad_accum)
+    return plan
+
+
+def streaming(plan: MemoryPlan, model_config, streamed: int, grad_accum: int) -> MemoryPlan:
+    """`plan` with the experts of `streamed` layers in pinned host memory instead of on the device."""
+    layer_bytes = expert_packed_bytes(model_config)
+    resident = plan.weights_4bit_bytes + plan.offloaded_layers * layer_bytes
+    return attrs.evolve(
+        plan,
+        weights_4bit_bytes=resident - streamed * layer_bytes,
+        streamed_layers=spread(streamed, model_config.num_hidden_layers),
+        staging_bytes=min(streamed, 2) * layer_bytes,
+        host_bytes=streamed * layer_bytes,
+        transfer_bytes_per_step=grad_accum * streamed_copies(streamed) * layer_bytes,
+    )
+
+
+def expert_packed_bytes(model_config) -> int:
+    """One layer's experts as packed NF4 data (two weights a byte): what streaming copies; constants stay resident."""
+    return model_config.num_local_experts * 3 * model_config.hidden_size * model_config.intermediate_size // 2
+
+
+def _plan_memory(model_config, target_modules, rank: int, quant: str, batch_size: int, seq_len: int,
+                 compute_bytes: int, device: str, device_free_bytes: int, host_free_bytes: int | None) -> MemoryPlan:
     import torch
     from torch import nn
     from transformers import AutoModelForCausalLM
@@ -116,6 +188,7 @@ def plan_memory(model_config, target_modules, rank: int, quant: str, batch_size:
         overhead_bytes=CUDA_CONTEXT_BYTES if device == "cuda" else 0,
         device_free_bytes=device_free_bytes,
         device=device,
+        host_free_bytes=host_free_bytes,
     )
 
 
@@ -142,9 +215,18 @@ def describe(plan: MemoryPlan) -> list[str]:
         ("optimizer state (8-bit AdamW)", plan.optimizer_bytes),
         ("activations (gradient checkpointing)", plan.activation_bytes),
         ("logits and their gradient", plan.logits_bytes),
+        ("staging buffers for streamed experts (2 layers)", plan.staging_bytes),
         ("CUDA context", plan.overhead_bytes),
     ]
     lines = [f"  {label:<52} {value / GIB:9.3f} GiB" for label, value in rows]
     lines.append(f"  {'total':<52} {plan.total_bytes / GIB:9.3f} GiB")
-    lines.append(f"  {'free on ' + plan.device:<52} {plan.device_free_bytes / GIB:9.3f} GiB  -> {'fits' if plan.fits else 'does NOT fit'}")
+    lines.append(f"  {'budget on ' + plan.device:<52} {plan.device_free_bytes / GIB:9.3f} GiB  -> "
+                 f"{'fits' if plan.total_bytes <= plan.device_free_bytes else 'does NOT fit'}")
+    if plan.streamed_layers:
+        lines.append(f"  experts of {plan.offloaded_layers} layers streamed from host memory (layers "
+                     f"{', '.join(map(str, plan.streamed_layers))}), the others resident")
+        free = "" if plan.host_free_bytes is None else f" of {plan.host_free_bytes / GIB:.3f} GiB available"
+        lines.append(f"  {'pinned host memory' + free:<52} {plan.host_bytes / GIB:9.3f} GiB  -> "
+                     f"{'fits' if plan.host_fits else 'does NOT fit'}")
+        lines.append(f"  {'copied host -> device per optimizer step':<52} {plan.transfer_bytes_per_step / GIB:9.3f} GiB")
     return lines

@@ -50,6 +50,8 @@ class TrainOptions:
     seed: int = 42
     quant: str = "nf4"
     save_steps: int | None = None
+    offload_experts: str = "auto"  # stream NF4 experts from host memory: auto (as needed), none, all
+    gpu_memory: float | None = None  # GiB to plan for; None: the device's free memory
 
 
 KEPT_CHECKPOINTS = 3
@@ -191,21 +193,34 @@ STOP = StopRequest()
 
 
 def memory_plan(choice, lora: LoraSettings, options: TrainOptions):
-    """The run's memory plan on this machine, and settings that would fit when it does not."""
+    """The run's memory plan on this machine (or the --gpu-memory budget), and settings that would fit when it does not."""
+    import psutil
+
     from mtg_core.base_models import base_config, device_and_dtype, free_memory
-    from mtg_core.plan import plan_memory, settings_that_fit
+    from mtg_core.plan import GIB, plan_memory, settings_that_fit
 
     config = base_config(choice)
     device, dtype = device_and_dtype()
-    free = free_memory(device)
+    budget = free_memory(device)
+    if options.gpu_memory is not None:
+        budget = min(budget, int(options.gpu_memory * GIB))
+    host = psutil.virtual_memory().available
 
-    def plan_for(batch_size: int, seq_len: int):
-        return plan_memory(config, lora.target_modules, lora.rank, options.quant, batch_size, seq_len,
-                           dtype.itemsize, device, free)
+    def plan_for(batch_size: int, seq_len: int, offload: str = options.offload_experts):
+        return plan_memory(config, lora.target_modules, lora.rank, options.quant, batch_size, seq_len, dtype.itemsize,
+                           device, budget, offload=offload, grad_accum=options.grad_accum, host_free_bytes=host)
 
     plan = plan_for(options.batch_size, options.seq_len)
-    advice = None if plan.fits else settings_that_fit(plan_for, options.batch_size, options.grad_accum, options.seq_len)
-    return plan, advice
+    if plan.fits:
+        return plan, None
+    if options.offload_experts == "none" and options.quant == "nf4":  # what streaming experts would make fit
+        streamed = plan_for(options.batch_size, options.seq_len, "auto")
+        if streamed.fits:
+            return plan, (f"--offload-experts auto (streams the experts of {streamed.offloaded_layers} of "
+                          f"{config.num_hidden_layers} layers from host memory)")
+        smaller = settings_that_fit(lambda batch, seq: plan_for(batch, seq, "auto"), options.batch_size, options.grad_accum, options.seq_len)
+        return plan, f"--offload-experts auto {smaller}" if smaller else None
+    return plan, settings_that_fit(plan_for, options.batch_size, options.grad_accum, options.seq_len)
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -373,6 +388,8 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
             torch.cuda.reset_peak_memory_stats()
         if run.resume_from:
             log.info("%s: resumed from step %d (%s)", expert.name, step_of(run.resume_from), run.resume_from)
+        streamer = getattr(base.model, "expert_streamer", None)
+        copies_before = streamer.copies if streamer else 0
         started = time.perf_counter()
         STOP.phase = "training"
         try:
@@ -434,6 +451,11 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
             },
             "memory_plan": plan.as_dict(),
             "skipped_plugins": registry.skipped_for(expert.name),
+            "streaming": {
+                "layers": [layer.index for layer in streamer.layers],
+                "copies": streamer.copies - copies_before,
+                "copied_bytes": (streamer.copies - copies_before) * streamer.layers[0].host.numel(),
+            } if streamer else None,
             "quantization": attrs.asdict(base.quantization, filter=lambda a, v: a.name != "first_unquantized"),
             "device": base.device,
             "compute_dtype": base.compute_dtype,

@@ -23,3 +23,14 @@ def test_gpu_moe_benchmark_smoke_runs_every_variant_on_the_cpu():
     assert 500 < nf4["aten_ops_forward_backward"] <= 1500 and nf4["aten_ops_optimizer_step"] > 0
     assert set(nf4["optimizer_step_ms"]) == {"paged_adamw_8bit", "adamw_8bit", "adamw_torch_fused"}
     assert nf4["expert_lora_cost"] == round(variants["nf4-attn"]["tokens_per_s"] / nf4["tokens_per_s"] - 1, 3)
+
+
+def test_gpu_moe_full_smoke_builds_layer_by_layer_and_streams_as_planned():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_moe.py"), "--full", "--small"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")][1:]
+    resident, streamed = rows
+    assert resident["offload_experts"] == "none" and resident["streamed_layers"] == 0 and resident["copies_per_step"] == 0
+    assert streamed["streamed_layers"] == 4 and streamed["planned_host_gib"] > 0 and streamed["tokens_per_s"] > 0
+    assert streamed["copies_per_step"] == streamed["planned_copies_per_step"] == 4  # 2N - 4 in the steady state

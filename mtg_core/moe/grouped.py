@@ -128,7 +128,9 @@ def _dequantize_together(weights, shape, dtype: torch.dtype) -> torch.Tensor:
     states = [w.quant_state for w in weights]
     first = states[0]
     with torch._C.DisableTorchFunctionSubclass():  # plain tensors: Params4bit would wrap the result
-        packed = torch.cat(weights)
+        packed = _adjacent(weights)  # streamed experts sit back to back in their staging buffer
+        if packed is None:
+            packed = torch.cat(weights)
     absmax = torch.stack([s.absmax for s in states])  # the kernels read absmax as flat memory: [M, blocks] is fine
     if first.nested:
         nested = bnbf.QuantState(absmax=torch.cat([s.state2.absmax for s in states]), code=first.state2.code,
@@ -137,6 +139,20 @@ def _dequantize_together(weights, shape, dtype: torch.dtype) -> torch.Tensor:
     state = bnbf.QuantState(absmax=absmax, shape=torch.Size(shape), code=first.code, blocksize=first.blocksize,
                             quant_type=first.quant_type, dtype=dtype)
     return bnbf.dequantize_4bit(packed, state)
+
+
+def _adjacent(weights) -> torch.Tensor | None:
+    """The packed data of `weights` as one tensor without a copy, when they are consecutive in one storage
+    (streamed experts in their staging buffer). Reads pointers only: `.data` would dispatch a detach each."""
+    storage = weights[0].untyped_storage().data_ptr()
+    end = weights[0].data_ptr()
+    for weight in weights:
+        if weight.data_ptr() != end or weight.untyped_storage().data_ptr() != storage or not weight.is_contiguous():
+            return None
+        end += weight.numel() * weight.element_size()
+    first = weights[0]
+    total = sum(w.numel() for w in weights)
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(first.untyped_storage(), first.storage_offset(), (total, 1))
 
 
 def _dequantize_each(weights, dtype: torch.dtype) -> torch.Tensor:

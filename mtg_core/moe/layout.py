@@ -16,6 +16,7 @@ from transformers.activations import ACT2FN
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 
+from mtg_core.errors import ConfigError
 from mtg_core.moe.grouped import grouped_adapters, grouped_experts_forward
 
 
@@ -42,14 +43,26 @@ class LinearExperts(nn.ModuleList):
     """
 
     grouped = True  # tests and benchmarks turn it off to compare against the reference loop
+    stream = None  # (ExpertStreamer, position) when the packed experts live in host memory (moe.streaming)
 
-    def __init__(self, config: MixtralConfig) -> None:
-        super().__init__(ExpertMLP(config) for _ in range(config.num_local_experts))
+    def __init__(self, config: MixtralConfig, experts: int | None = None) -> None:
+        super().__init__(ExpertMLP(config) for _ in range(config.num_local_experts if experts is None else experts))
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.stream is None:
+            return self._forward(hidden_states, top_k_index, top_k_weights)
+        streamer, position = self.stream
+        with streamer.loaded(position):
+            return self._forward(hidden_states, top_k_index, top_k_weights)
+
+    def _forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         adapters = grouped_adapters(self) if self.grouped else None
         if adapters is not None:
             return grouped_experts_forward(self, adapters, hidden_states, top_k_index, top_k_weights)
+        if self.stream is not None:
+            # bitsandbytes' own backward reads the packed weight again, after the staging buffer moved on
+            raise ConfigError("experts streamed from host memory need the grouped path (plain LoRA, the same on every "
+                              "expert); use --offload-experts none")
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             routed = nn.functional.one_hot(top_k_index, num_classes=len(self)).permute(2, 1, 0)
@@ -75,8 +88,11 @@ class MtgMixtralModel(MixtralModel):
 
     def __init__(self, config: MixtralConfig) -> None:
         super().__init__(config)
-        for layer in self.layers:
-            layer.mlp.experts = LinearExperts(config)
+        streamed = set(getattr(config, "mtg_streamed_layers", ()))  # loaded by moe.streaming, not by transformers
+        for index, layer in enumerate(self.layers):
+            layer.mlp.experts = LinearExperts(config, 0 if index in streamed else None)
+        if streamed:  # their checkpoint keys are expected to be left to moe.streaming (the outer post_init collects this)
+            self._keys_to_ignore_on_load_unexpected = {rf"layers\.({'|'.join(map(str, sorted(streamed)))})\.mlp\.experts\."}
 
 
 class MtgMixtralForCausalLM(MixtralForCausalLM):

@@ -1,0 +1,246 @@
+"""NF4 experts streamed from pinned host memory: the layers that do not fit stay on the host, packed.
+
+~96 % of Mixtral is experts (0.66 GiB of packed NF4 per layer). For a streamed layer only the packed
+4-bit data lives on the host; its quantisation constants (absmax, ~3 % of it), its LoRA and everything
+else stay on the device. When the layer runs, its packed experts are copied into one of two device
+staging buffers and dequantised from there by the grouped path, which keeps the dequantised weights
+for backward (it never reads the packed data again), so the buffer is free as soon as the layer's
+dequantisations are issued.
+
+Copies run on a side CUDA stream, one layer ahead, in execution order: the forward runs the streamed
+layers up, the checkpoint recompute in backward runs them down, and at each turn the two end layers
+are still in the buffers (so a steady-state micro-batch copies 2N - 4 layers, not 2N). The order is a
+prediction only: each buffer knows which layer it holds, and a layer that is not there is copied on
+demand. On the CPU the same code runs with the copies made synchronously (tests compare it with the
+resident model).
+
+Hand-written because no library streams bitsandbytes weights: accelerate's offload hooks move whole
+modules to the device synchronously, keep no double buffer, and refuse 4-bit weights on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import attrs
+import torch
+
+from mtg_core.errors import BaseModelError
+
+STAGING_BUFFERS = 2
+
+
+@attrs.define(eq=False)
+class StreamedLayer:
+    """One layer's packed experts on the host and the Params4bit that stand for them on the device."""
+
+    index: int  # model layer index
+    host: torch.Tensor  # uint8, pinned on CUDA machines: [w1, w3 of expert 0, w1, w3 of expert 1, ..., w2 of every expert]
+    params: list  # (Params4bit, offset, shape) in host order
+
+
+@attrs.define(eq=False)  # slots are compared by identity
+class _Slot:
+    buffer: torch.Tensor
+    layer: int | None = None  # position in the streamed order of the layer it holds (or is receiving)
+    ready: object = None  # CUDA event: the copy into it finished
+    free: object = None  # CUDA event: the last dequantisation reading it was issued before this
+
+
+class ExpertStreamer:
+    """The streamed layers of one model, in layer order, and the two staging buffers they share."""
+
+    def __init__(self, layers: list[StreamedLayer], device: torch.device) -> None:
+        self.layers = layers
+        self.device = device
+        self.cuda = device.type == "cuda"
+        size = max(layer.host.numel() for layer in layers)
+        self.slots = [_Slot(torch.empty(size, dtype=torch.uint8, device=device)) for _ in range(min(STAGING_BUFFERS, len(layers)))]
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.placeholder = torch.empty(0, dtype=torch.uint8, device=device)  # what a streamed weight holds between uses
+        self.copies = 0  # host -> device copies so far (benchmarks report it; tests check the order)
+        self.log: list[tuple[int, str]] | None = None  # (layer, "prefetch" or "demand") per copy, when a test asks
+        self._last: int | None = None
+        self._up = True
+        self._recent: list[_Slot] = []  # least recently used first
+        for layer in layers:
+            for param, _, _ in layer.params:
+                param.data = self.placeholder
+
+    @contextmanager
+    def loaded(self, position: int):
+        """Within the block the layer's Params4bit hold views of a staging buffer with its packed experts."""
+        slot = self._acquire(position)
+        for param, offset, shape in self.layers[position].params:
+            param.data = slot.buffer[offset : offset + shape.numel()].view(shape)
+        nxt = self._predict(position)
+        if nxt != position and not any(s.layer == nxt for s in self.slots):
+            self._copy(nxt, self._victim(keep=slot), "prefetch")
+        try:
+            yield
+        finally:
+            for param, _, _ in self.layers[position].params:
+                param.data = self.placeholder
+            if self.cuda:
+                slot.free = torch.cuda.current_stream(self.device).record_event()
+
+    def _acquire(self, position: int) -> _Slot:
+        slot = next((s for s in self.slots if s.layer == position), None)
+        if slot is None:
+            slot = self._copy(position, self._victim(keep=None), "demand")
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(slot.ready)
+        self._recent = [s for s in self._recent if s is not slot] + [slot]
+        if self._last is not None and position != self._last:
+            self._up = position > self._last
+        self._last = position
+        return slot
+
+    def _predict(self, position: int) -> int:
+        """The streamed layer that runs next. Training (grad enabled, checkpointed): up through the forward,
+        then down through the recompute, turning at each end. Inference: up, then the next forward."""
+        last = len(self.layers) - 1
+        if not torch.is_grad_enabled():
+            return (position + 1) % len(self.layers)
+        if self._up:
+            return position + 1 if position < last else position
+        return position - 1 if position > 0 else position
+
+    def _victim(self, keep: _Slot | None) -> _Slot:
+        for slot in self.slots:
+            if slot not in self._recent:
+                return slot
+        return next(s for s in self._recent if s is not keep)
+
+    def _copy(self, position: int, slot: _Slot, why: str) -> _Slot:
+        host = self.layers[position].host
+        slot.layer = position
+        self.copies += 1
+        if self.log is not None:
+            self.log.append((self.layers[position].index, why))
+        if not self.cuda:
+            slot.buffer[: host.numel()].copy_(host)
+            return slot
+        with torch.cuda.stream(self.copy_stream):
+            if slot.free is not None:
+                self.copy_stream.wait_event(slot.free)  # the dequantisations reading its last layer come first
+            slot.buffer[: host.numel()].copy_(host, non_blocking=True)
+            slot.ready = self.copy_stream.record_event()
+        return slot
+
+
+def host_copy(params: list, pin: bool) -> tuple[torch.Tensor, list]:
+    """One host buffer holding `params`' packed data back to back, and (param, offset, shape) for each."""
+    total = sum(p.data.numel() for p in params)
+    host = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    entries, offset = [], 0
+    for param in params:
+        data = param.data
+        host[offset : offset + data.numel()].copy_(data.reshape(-1))
+        entries.append((param, offset, data.shape))
+        offset += data.numel()
+    return host, entries
+
+
+def attach(model, layers: list[StreamedLayer]) -> ExpertStreamer:
+    """Give each streamed layer's experts the model's streamer (LinearExperts.forward enters `loaded`)."""
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    streamer = ExpertStreamer(sorted(layers, key=lambda layer: layer.index), device)
+    for position, layer in enumerate(streamer.layers):
+        experts = model.model.layers[layer.index].mlp.experts
+        experts.stream = (streamer, position)
+    model.expert_streamer = streamer
+    return streamer
+
+
+def packing_order(experts) -> list:
+    """The Params4bit of a layer's experts in the order the grouped path reads them: w1, w3 of each
+    expert (one dequantisation), then w2 of each (another), so each group is one contiguous range."""
+    first = [getattr(expert, name).weight for expert in experts for name in ("w1", "w3")]
+    return first + [expert.w2.weight for expert in experts]
+
+
+EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w[123])\.weight")
+
+
+def checkpoint_shards(location: str) -> list[Path]:
+    """The safetensors files of a local folder or of a hub id already in the local cache."""
+    from transformers.utils import cached_file
+
+    folder = Path(location)
+    if not folder.is_dir():
+        index = cached_file(location, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+        single = None if index else cached_file(location, "model.safetensors")
+        folder = Path(index or single).parent
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [folder / name for name in names]
+    return [folder / "model.safetensors"]
+
+
+def load_streamed_experts(model, location: str, streamed: list[int], dtype: torch.dtype, log) -> ExpertStreamer:
+    """Quantise the streamed layers' experts from the checkpoint, one matrix at a time on the device, as
+    transformers + bitsandbytes quantise the resident ones, and move each layer's packed data to (pinned)
+    host memory as soon as the layer is complete: the device never holds more than a layer of them.
+
+    transformers cannot do this: bitsandbytes quantisation refuses a device map that sends modules to
+    the CPU (it would keep them unquantised in fp32), so the streamed layers' experts are left out of
+    its load (LinearExperts without experts) and loaded here.
+    """
+    from safetensors import safe_open
+
+    config = model.config
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    pin = device.type == "cuda"
+    wanted = set(streamed)
+    pending = {index: {} for index in streamed}  # layer -> {(expert, name): Linear4bit}
+    done = []
+    for shard in checkpoint_shards(location):
+        with safe_open(str(shard), framework="pt", device="cpu") as tensors:
+            for key in tensors.keys():
+                match = EXPERT_KEY.fullmatch(key)
+                if not match or int(match[1]) not in wanted:
+                    continue
+                layer, expert, name = int(match[1]), int(match[2]), match[3]
+                pending[layer][(expert, name)] = quantized_linear(tensors.get_tensor(key).to(device=device, dtype=dtype))
+                if len(pending[layer]) == 3 * config.num_local_experts:
+                    done.append(install_streamed_layer(model, layer, pending.pop(layer), pin))
+    if pending:
+        layer, found = next(iter(pending.items()))
+        raise BaseModelError(f"{location}: the checkpoint has {len(found)} of the {3 * config.num_local_experts} expert matrices of "
+                             f"layer {layer}; it must hold model.layers.N.block_sparse_moe.experts.E.w1/w2/w3")
+    log(f"{len(done)} layers' experts in {'pinned ' if pin else ''}host memory "
+        f"({sum(layer.host.numel() for layer in done) / 1024**3:.2f} GiB), streamed to the device as they run")
+    return attach(model, done)
+
+
+def quantized_linear(weight: torch.Tensor):
+    """A bitsandbytes Linear4bit holding `weight` in NF4, made as transformers' bitsandbytes loading makes it."""
+    import bitsandbytes as bnb
+
+    linear = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=False, compute_dtype=weight.dtype, compress_statistics=True,
+                               quant_type="nf4", quant_storage=torch.uint8, device="meta")
+    linear.weight = bnb.nn.Params4bit(weight, requires_grad=False, **linear.weight.__dict__).to(weight.device)
+    linear.source_cls = torch.nn.Linear
+    return linear.requires_grad_(False)
+
+
+def install_streamed_layer(model, index: int, linears: dict, pin: bool) -> StreamedLayer:
+    """Give layer `index` its experts ({(expert, "w1"|"w2"|"w3"): Linear4bit}) with their packed data in host memory."""
+    from mtg_core.moe.layout import ExpertMLP
+
+    experts = model.model.layers[index].mlp.experts
+    for expert in range(model.config.num_local_experts):
+        with torch.device("meta"):
+            mlp = ExpertMLP(model.config)
+        for name in ("w1", "w2", "w3"):
+            setattr(mlp, name, linears[(expert, name)])
+        experts.append(mlp)
+    host, params = host_copy(packing_order(experts), pin)
+    for param, _, _ in params:
+        param.data = param.data.new_empty(0)  # frees the device copy; ExpertStreamer keeps a shared placeholder
+    return StreamedLayer(index, host, params)

@@ -1,0 +1,171 @@
+"""Experts streamed from host memory: the same model as the resident one, copied in execution order through
+two staging buffers, planned for 16/24/80 GiB budgets. On the CPU host and device are both the CPU and the
+copies are still made, through the same code."""
+
+import json
+from contextlib import contextmanager
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from mtg_core.base_models import TINY_CONFIG, TOKENIZER_DIR, base_config, choose_base, load_base
+from mtg_core.cli import eval_command, train_command
+from mtg_core.plan import GIB, expert_packed_bytes, plan_memory, streamed_copies
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]
+
+
+@pytest.fixture(scope="module")
+def six_layers(tmp_path_factory):
+    """A tiny Mixtral with six layers, so that streaming has an order to get right."""
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    folder = tmp_path_factory.mktemp("six-layers")
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=len(tokenizer), **{**TINY_CONFIG, "num_hidden_layers": 6})
+    MixtralForCausalLM(config).save_pretrained(folder, max_shard_size="300KB")  # experts spread over many shards
+    tokenizer.save_pretrained(folder)
+    return choose_base(str(folder))
+
+
+def with_lora(model, seed=3):
+    from peft import LoraConfig, get_peft_model
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    torch.manual_seed(seed)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in sorted(peft.named_parameters()):
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.05
+    return peft
+
+
+def step(model):
+    ids = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 110, 120, 130], [1, 11, 12, 13, 14, 15, 16, 17, 18, 19]])
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("streamed", [(0, 1, 2, 3, 4, 5), (2,), (1, 4)])
+def test_a_streamed_model_gives_the_resident_logits_and_lora_gradients(six_layers, streamed):
+    resident = with_lora(load_base(six_layers, "nf4", log=lambda _: None).model)
+    moved = with_lora(load_base(six_layers, "nf4", log=lambda _: None, streamed_layers=streamed).model)
+    logits, grads = step(resident)
+    streamed_logits, streamed_grads = step(moved)
+    assert torch.equal(logits, streamed_logits)
+    assert grads.keys() == streamed_grads.keys() and len(grads) == 6 * (4 + 3 * 8) * 2
+    assert all(torch.equal(grads[name], streamed_grads[name]) for name in grads)
+    for layer in streamed:  # between uses a streamed weight holds nothing on the device
+        assert all(p.numel() == 0 for n, p in moved.base_model.model.model.layers[layer].mlp.named_parameters() if "base_layer" in n)
+
+
+def test_copies_follow_the_forward_up_and_the_recompute_down_through_two_buffers(six_layers):
+    base = load_base(six_layers, "nf4", log=lambda _: None, streamed_layers=tuple(range(6)))
+    model = with_lora(base.model)
+    streamer = base.model.expert_streamer
+    streamer.log = []
+    buffers = {slot.buffer.data_ptr() for slot in streamer.slots}
+    seen = set()
+    original = type(streamer).loaded
+
+    @contextmanager
+    def watching(self, position):  # which buffer each layer's weights point into while it runs
+        with original(self, position):
+            seen.add(self.layers[position].params[0][0].data.untyped_storage().data_ptr())
+            yield
+
+    step(model)
+    first = list(streamer.log)
+    streamer.log.clear()
+    type(streamer).loaded, saved = watching, type(streamer).loaded
+    try:
+        step(model)
+    finally:
+        type(streamer).loaded = saved
+    assert len(streamer.slots) == 2 and seen <= buffers
+    # first micro-batch: layer 0 on demand, then each next layer while the one before runs; the recompute
+    # goes down and finds layers 5 and 4 still in the buffers
+    assert first == [(0, "demand"), (1, "prefetch"), (2, "prefetch"), (3, "prefetch"), (4, "prefetch"), (5, "prefetch"),
+                     (3, "prefetch"), (2, "prefetch"), (1, "prefetch"), (0, "prefetch")]
+    # steady state: layers 0 and 1 are still there from the recompute; 2N - 4 copies, all ahead of need
+    assert streamer.log[:4] == [(2, "prefetch"), (3, "prefetch"), (4, "prefetch"), (5, "prefetch")]
+    assert len(streamer.log) == streamed_copies(6) == 8 and all(why == "prefetch" for _, why in streamer.log)
+
+
+def test_inference_prefetches_round_the_layers(six_layers):
+    base = load_base(six_layers, "nf4", log=lambda _: None, streamed_layers=(0, 2, 4))
+    streamer = base.model.expert_streamer
+    streamer.log = []
+    with torch.no_grad():
+        base.model(torch.tensor([[1, 2, 3]]))
+        base.model(torch.tensor([[1, 2, 3]]))
+    assert [why for _, why in streamer.log] == ["demand"] + ["prefetch"] * 6  # the last one for the next forward
+    assert [layer for layer, _ in streamer.log] == [0, 2, 4, 0, 2, 4, 0]
+
+
+def test_the_host_holds_exactly_what_the_plan_says(six_layers):
+    streamed = (1, 3, 5)
+    base = load_base(six_layers, "nf4", log=lambda _: None, streamed_layers=streamed)
+    config = base_config(six_layers)
+    plan = plan_memory(config, TARGETS, 16, "nf4", 2, 64, 4, "cpu", GIB, offload="all", grad_accum=2)
+    host = sum(layer.host.numel() for layer in base.model.expert_streamer.layers)
+    assert host == len(streamed) * expert_packed_bytes(config) == plan.host_bytes / 6 * 3
+    assert plan.transfer_bytes_per_step == 2 * streamed_copies(6) * expert_packed_bytes(config)
+    assert base.quantization.quantized_weights == base.quantization.total_weights == 6 * (4 + 24)
+
+
+def mixtral_plan(budget_gib, offload, host_gib=128, batch=4):
+    config = base_config(choose_base("mixtral-8x7b"))
+    return plan_memory(config, TARGETS, 16, "nf4", batch, 512, 2, "cuda", int(budget_gib * GIB), offload=offload,
+                       grad_accum=4, host_free_bytes=int(host_gib * GIB))
+
+
+def test_the_plan_for_80_24_and_16_gib_cards():
+    big, mid, small, everything = mixtral_plan(80, "auto"), mixtral_plan(24, "auto"), mixtral_plan(16, "auto"), mixtral_plan(16, "all")
+    assert big.offloaded_layers == 0 and big.fits and big.host_bytes == big.transfer_bytes_per_step == 0
+    assert 0 < mid.offloaded_layers < small.offloaded_layers <= 32 and mid.fits and small.fits
+    assert mid.total_bytes <= 0.9 * 24 * GIB and small.total_bytes <= 0.9 * 16 * GIB
+    assert everything.offloaded_layers == 32 and everything.total_bytes < 14 * GIB
+    assert mid.streamed_layers == tuple(sorted(set(mid.streamed_layers)))  # evenly spread, each once
+    layer = expert_packed_bytes(base_config(choose_base("mixtral-8x7b")))
+    assert 0.65 < layer / GIB < 0.66 and mid.host_bytes == mid.offloaded_layers * layer and mid.staging_bytes == 2 * layer
+    assert not mixtral_plan(16, "none").fits
+    assert not mixtral_plan(16, "all", host_gib=8).fits  # pinned host memory is checked too
+
+
+def test_plan_cli_names_offload_when_a_budget_is_too_small(tmp_path):
+    result = CliRunner().invoke(train_command, ["--expert", "explain", "--base-model", "mixtral-8x7b", "--plan", "--json",
+                                                "--gpu-memory", "16", "--offload-experts", "none", "--batch-size", "1", "--seq-len", "256"])
+    plan = json.loads(result.output)
+    assert result.exit_code == 1 and not plan["fits"] and plan["advice"].startswith("--offload-experts auto")
+    result = CliRunner().invoke(train_command, ["--expert", "explain", "--base-model", "mixtral-8x7b", "--plan", "--json",
+                                                "--gpu-memory", "40", "--offload-experts", "all", "--batch-size", "1", "--seq-len", "256"])
+    plan = json.loads(result.output)
+    assert {"offloaded_layers", "host_bytes", "transfer_bytes_per_step", "streamed_layers"} <= set(plan)
+    assert plan["offloaded_layers"] == 32 and plan["host_bytes"] > 20 * GIB
+
+
+def test_training_with_every_expert_streamed_writes_the_same_adapter(tmp_path):
+    args = ["--expert", "explain", "--max-samples", "8", "--batch-size", "2", "--grad-accum", "2", "--seq-len", "128", "--max-steps", "3"]
+    for offload in ("none", "all"):
+        result = CliRunner().invoke(train_command, [*args, "--offload-experts", offload, "--output-dir", str(tmp_path / offload)])
+        assert result.exit_code == 0, result.output
+    resident, streamed = (load_file(tmp_path / o / "explain" / "adapter_model.safetensors") for o in ("none", "all"))
+    assert resident.keys() == streamed.keys()
+    assert all(torch.equal(resident[k], streamed[k]) for k in resident)
+    meta = json.loads((tmp_path / "all" / "explain" / "training_meta.json").read_text())
+    assert meta["memory_plan"]["offloaded_layers"] == 2 and meta["streaming"]["copies"] > 0
+    assert "2 layers' experts in host memory" in (tmp_path / "all" / "training_log.txt").read_text()
+    losses = {}
+    for offload in ("none", "all"):
+        result = CliRunner().invoke(eval_command, ["--expert", "explain", "--adapters", str(tmp_path / "none"), "--no-fail",
+                                                   "--max-new-tokens", "4", "--offload-experts", offload])
+        assert result.exit_code == 0, result.output
+        losses[offload] = json.loads((tmp_path / "none" / "explain" / "eval.json").read_text())["heldout_loss"]
+    assert losses["none"] == losses["all"]
