@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -283,6 +284,16 @@ def write_failure_reason(exc: BaseException) -> str:
         if marker in text:
             return reason
     return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def require_writable_folder(folder: Path, option: str, error=OutputError) -> None:
+    """Create `folder` if needed and prove a file can be written in it, before anything slow starts."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise error(f"{option} {folder}: cannot write there ({exc.strerror}); choose a writable folder") from None
 
 
 def require_output_dir(value: str) -> Path:

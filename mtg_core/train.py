@@ -15,7 +15,6 @@ import shlex
 import shutil
 import signal
 import sys
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -29,7 +28,7 @@ from mtg_core.errors import ConfigError, OutOfMemory, TrainingInterrupted
 from mtg_core.experts import FormattedExample, LoraSettings
 from mtg_core.outputs import (
     OutputError, checkpoint_problem, install, is_complete_adapter, is_ours, is_write_failure, json_problem, work_dir,
-    write_failure_reason,
+    require_writable_folder, write_failure_reason,
 )
 from mtg_core.plugins import Expert, Registry
 
@@ -225,12 +224,7 @@ def memory_plan(choice, lora: LoraSettings, options: TrainOptions):
 
 def check_output_dir(output_dir: Path) -> None:
     """Fail before loading weights when the adapters folder or its log cannot be written."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output_dir):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"--output-dir {output_dir}: cannot write there ({exc.strerror}); choose a writable folder") from None
+    require_writable_folder(output_dir, "--output-dir", ConfigError)
     log_file = output_dir / "training_log.txt"
     try:
         if log_file.exists() or log_file.is_symlink():  # a new one is created once the run starts

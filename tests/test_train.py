@@ -7,10 +7,9 @@ import torch
 from click.testing import CliRunner
 from peft import PeftModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
+from transformers import AutoModelForCausalLM, Trainer
 
-from conftest import EXPERTS, add_plugin
-from mtg_core import hookimpl
+from conftest import EXPERTS
 from mtg_core.base_models import TINY, choose_base, ensure_tiny_mixtral, load_base
 from mtg_core.cli import train_command
 from mtg_core.errors import BaseModelError

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 from mtg_core import __version__
 from mtg_core.export.adapter import Adapter, ExportError
-from mtg_core.outputs import install
+from mtg_core.outputs import install, require_writable_folder
 
 DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 MARKER = "export.json"
@@ -26,12 +25,7 @@ def _cast(tensor, dtype: str | None):
 
 def prepare_out(out: Path, names: list[str], needed_bytes: int) -> None:
     """Fail before writing when --out is unwritable, too small, or holds a folder of an expert's name that no export made."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        raise ExportError(f"--out {out}: cannot write there ({exc.strerror}); choose a writable folder") from None
+    require_writable_folder(out, "--out", ExportError)
     for name in names:
         if (out / name).exists() and not (out / name / MARKER).is_file():
             raise ExportError(f"{out / name} exists and is not an mtg-export folder (no {MARKER}); remove it or choose another --out")
