@@ -282,7 +282,7 @@ def load_base(choice: BaseChoice, quant: str, log: Callable[[str], None] = print
     if streamed_layers and (model_class is not MtgMixtralForCausalLM or quant != "nf4"):
         raise BaseModelError(f"{choice.name}: streaming experts from host memory needs a Mixtral model in nf4; use --offload-experts none")
     if streamed_layers:
-        config.mtg_streamed_layers = list(streamed_layers)
+        config.mtg_streamed_layers = list(streamed_layers)  # MtgMixtralModel leaves their experts to moe.streaming
     quantization_config = None
     if quant == "nf4":
         quantization_config = BitsAndBytesConfig(

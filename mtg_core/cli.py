@@ -348,10 +348,10 @@ def _train_locked(registry, experts, runs, base_model, output_dir: Path, options
     runs = [plan_resume(run, options, output_dir, choice.identity, resume, force) for run in runs]
     tokenizer = load_tokenizer(choice)
     runs = [tokenize_run(run, tokenizer, options.seq_len) for run in runs]
-    streamed = _streamed_layers(choice, [run.expert for run in runs], [run.lora for run in runs], options)
-    base = load_base(choice, options.quant, log.info, tokenizer, streamed_layers=streamed)
-    for done, run in enumerate(runs, 1):
-        train_expert(base, registry, run, options, output_dir)
+    plans = _memory_plans(choice, [run.expert for run in runs], [run.lora for run in runs], options)
+    base = load_base(choice, options.quant, log.info, tokenizer, streamed_layers=_most_streamed(plans))
+    for done, (run, plan) in enumerate(zip(runs, plans), 1):
+        train_expert(base, registry, run, plan, options, output_dir)
         STOP.phase = "setup"
         if STOP.signum is not None:  # arrived while the adapter was being saved
             left = f"; not trained: {', '.join(r.expert.name for r in runs[done:])}" if done < len(runs) else ""
@@ -360,18 +360,23 @@ def _train_locked(registry, experts, runs, base_model, output_dir: Path, options
         run_eval(registry, experts, output_dir, choice, base, max_new_tokens=48, seq_len=options.seq_len, no_fail=False)
 
 
-def _streamed_layers(choice, experts: list, loras: list, options) -> tuple[int, ...]:
-    """The layers whose experts stream from host memory: the most any expert's plan needs (one base serves all)."""
+def _memory_plans(choice, experts: list, loras: list, options) -> list:
+    """Each expert's memory plan, made before the base loads (while the device's memory is still free)."""
     from mtg_core.train import memory_plan
 
-    streamed = ()
+    plans = []
     for expert, lora in zip(experts, loras):
         plan, advice = memory_plan(choice, lora, options)
         if not plan.fits:
             log.warning("%s: the memory plan (%.2f GiB) does not fit the %.2f GiB %s; %s", expert.name, plan.total_bytes / 1024**3,
                         plan.device_free_bytes / 1024**3, "budget" if options.gpu_memory else "free", f"to fit: {advice}" if advice else "see --plan")
-        streamed = max(streamed, plan.streamed_layers, key=len)
-    return streamed
+        plans.append(plan)
+    return plans
+
+
+def _most_streamed(plans: list) -> tuple[int, ...]:
+    """The layers whose experts stream from host memory: the most any expert's plan needs (one base serves all)."""
+    return max((plan.streamed_layers for plan in plans), key=len, default=())
 
 
 def _inference_streaming(registry, experts, choice, quant: str, offload: str, gpu_memory: float | None) -> tuple[int, ...]:
@@ -380,7 +385,7 @@ def _inference_streaming(registry, experts, choice, quant: str, offload: str, gp
     from mtg_core.train import TrainOptions
 
     options = TrainOptions(batch_size=1, grad_accum=1, quant=quant, offload_experts=offload, gpu_memory=gpu_memory)
-    return _streamed_layers(choice, experts, [registry.lora_settings(e) for e in experts], options)
+    return _most_streamed(_memory_plans(choice, experts, [registry.lora_settings(e) for e in experts], options))
 
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})

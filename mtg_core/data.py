@@ -99,9 +99,12 @@ class TokenizedData:
 
     rows: list[dict[str, list[int]]]
     truncated: int
-    untrained: int
     trained_tokens: int
-    untrained_rows: list[int] = attrs.field(factory=list)  # indices of the examples left with no answer tokens
+    untrained_rows: list[int]  # indices of the examples left with no answer tokens
+
+    @property
+    def untrained(self) -> int:
+        return len(self.untrained_rows)
 
 
 def max_token_chars(tokenizer) -> int:
@@ -117,7 +120,7 @@ def tokenize(examples: Iterable[FormattedExample], tokenizer, seq_len: int) -> T
     tokens identical: no token spans more than `max_token_chars` characters.)
     """
     cap = (seq_len + 8) * max_token_chars(tokenizer)
-    rows, truncated, untrained, trained, untrained_rows = [], 0, 0, 0, []
+    rows, truncated, trained, untrained_rows = [], 0, 0, []
     for index, example in enumerate(examples):
         prompt = tokenizer(example.prompt[:cap], add_special_tokens=True)["input_ids"]
         completion = tokenizer(" " + example.completion[:cap], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -126,11 +129,10 @@ def tokenize(examples: Iterable[FormattedExample], tokenizer, seq_len: int) -> T
         truncated += len(prompt) + len(completion) > seq_len
         n_trained = sum(label != IGNORE_INDEX for label in labels)
         if n_trained == 0:
-            untrained += 1
             untrained_rows.append(index)
         trained += n_trained
         rows.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
-    return TokenizedData(rows, truncated, untrained, trained, untrained_rows)
+    return TokenizedData(rows, truncated, trained, untrained_rows)
 
 
 def describe_lines(numbers: list[int], limit: int = 5) -> str:

@@ -46,7 +46,6 @@ class ExpertLock:
 
     def __init__(self, output_dir: Path, expert: str) -> None:
         self.path = output_dir / f".{expert}.lock"
-        self.expert = expert
         self.fd: int | None = None
 
     def acquire(self) -> bool:
@@ -212,11 +211,11 @@ def safetensors_problem(path: Path) -> str | None:
             if header_len > size - 8:
                 return "is truncated"
             header = json.loads(handle.read(header_len))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
     except FileNotFoundError:
         return "is missing"
-    except (OSError, struct.error, ValueError, UnicodeDecodeError):
+    except (OSError, struct.error, ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError, IndexError):
         return "is not a safetensors file"
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
     if 8 + header_len + max(ends, default=0) > size:
         return "is truncated"
     return None

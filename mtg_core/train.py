@@ -27,7 +27,7 @@ from mtg_core.data import TokenizedData, check_trainable, describe_lines, load_e
 from mtg_core.errors import ConfigError, OutOfMemory, TrainingInterrupted
 from mtg_core.experts import FormattedExample, LoraSettings
 from mtg_core.outputs import (
-    OutputError, checkpoint_problem, install, is_complete_adapter, is_ours, is_write_failure, json_problem, work_dir,
+    OutputError, checkpoint_problem, install, is_ours, is_write_failure, json_problem, work_dir,
     require_writable_folder, write_failure_reason,
 )
 from mtg_core.plugins import Expert, Registry
@@ -133,11 +133,6 @@ def plan_resume(run: PreparedRun, options: TrainOptions, output_dir: Path, base_
     work = work_dir(output_dir, run.expert.name)
     name = run.expert.name
     if not resume:
-        if is_complete_adapter(work / "adapter") and not force:
-            raise OutputError(
-                f"{work / 'adapter'} is a finished {name} adapter that could not be installed; move it elsewhere, "
-                "or pass --force to discard it"
-            )
         existing = [c for c in checkpoints(work) if (c / "trainer_state.json").is_file()]
         if existing and not force:
             raise ConfigError(
@@ -300,8 +295,10 @@ def _versions() -> dict[str, str]:
     return {name: version(name) for name in ("torch", "transformers", "peft", "bitsandbytes", "mtg-core")}
 
 
-def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptions, output_dir: Path) -> dict:
-    """Train one expert's LoRA on `base.model`, write DIR/<expert>/ atomically, and leave the base LoRA-free."""
+def train_expert(base, registry: Registry, run: PreparedRun, plan, options: TrainOptions, output_dir: Path) -> dict:
+    """Train one expert's LoRA on `base.model`, write DIR/<expert>/ atomically, and leave the base LoRA-free.
+
+    `plan` is the memory plan made before the base loaded (the one that chose the streamed layers)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -325,7 +322,6 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
     log.info("%s: LoRA rank %d alpha %g dropout %g on %s: %d trainable of %d parameters",
              expert.name, run.lora.rank, run.lora.alpha, run.lora.dropout, ",".join(run.lora.target_modules), trainable, total)
 
-    plan, _ = memory_plan(base.choice, run.lora, options)
     log.info("%s: memory plan %.3f GiB (weights %.3f, activations %.3f) of %.3f GiB free on %s",
              expert.name, plan.total_bytes / 1024**3, plan.weights_bytes / 1024**3, plan.activation_bytes / 1024**3,
              plan.device_free_bytes / 1024**3, plan.device)
@@ -333,10 +329,10 @@ def train_expert(base, registry: Registry, run: PreparedRun, options: TrainOptio
     work = work_dir(output_dir, expert.name)
     main_process = rank() == 0  # under torchrun only rank 0 writes checkpoints, logs and the adapter
     final = output_dir / expert.name
-    if run.resume_from:
-        _check_checkpoint_shapes(model, run.resume_from)
     finished = kept = False
     try:
+        if run.resume_from:
+            _check_checkpoint_shapes(model, run.resume_from)
         with _write_errors(f"{work}", "the previous adapter is unchanged"):
             work.mkdir(exist_ok=True)
             if main_process:

@@ -216,6 +216,8 @@ def test_data_is_read_once_so_a_fifo_trains_and_its_hash_is_recorded(tmp_path):
 def test_corrupt_adapter_files_are_refused_before_the_base_loads(tmp_path, trained, count_base_loads):
     cases = {
         "truncated weights": ("adapter_model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:5000]), "adapter_model.safetensors is truncated"),
+        "weights of another format": ("adapter_model.safetensors", lambda p: p.write_bytes((2).to_bytes(8, "little") + b"[]"),
+                                      "adapter_model.safetensors is not a safetensors file"),
         "garbage config": ("adapter_config.json", lambda p: p.write_text("not json"), "adapter_config.json is not valid JSON"),
         "empty config": ("adapter_config.json", lambda p: p.write_text("{}"), "adapter_config.json is not a peft LoRA config"),
         "garbage meta": ("training_meta.json", lambda p: p.write_text("{{{"), "training_meta.json: unreadable"),
