@@ -6,8 +6,10 @@
     python benchmarks/gpu_moe.py --full          # the whole 32-layer model, experts streamed under 16/24 GiB budgets
 
 Each configuration builds a Mixtral with random weights (hidden 4096, intermediate 14336, 8 experts
-top-2, 32/8 heads, vocab 32000) and a few layers, then times forward + backward + paged 8-bit AdamW
-steps with non-reentrant gradient checkpointing and LoRA rank 16 (dropout 0) on q,k,v,o,w1,w2,w3:
+top-2, 32/8 heads, vocab 32000) and a few layers, then times what mtg-train runs: forward under bf16
+autocast (accelerate's, as Trainer's bf16=True sets it) + backward + paged 8-bit AdamW steps (mtg_core.optim:
+one host sync per step), non-reentrant gradient checkpointing, LoRA rank 16 with the shipped experts'
+dropout (0.05; EXPLAIN uses 0.1) on q,k,v,o,w1,w2,w3:
 
 - bf16:     per-expert Linear layers in bf16 (mtg_core's grouped path over frozen bf16 weights);
 - stock:    transformers' MixtralForCausalLM with bitsandbytes 4-bit on every nn.Linear, which leaves
@@ -23,21 +25,27 @@ counted. The nf4 row also has the aten ops one step dispatches (forward + backwa
 the optimizer step's time for paged and non-paged 8-bit AdamW and torch's fused AdamW. A first line
 checks logits and one step's LoRA gradients of nf4 against bf16 (relative error).
 
---full builds the whole 32-layer Mixtral-shaped model in NF4 from random weights, one matrix at a time
-(never all bf16 at once), with the experts of the layers mtg_core's memory plan streams put in pinned
-host memory as they are quantised, and trains it under GPU budgets applied with
-torch.cuda.set_per_process_memory_fraction (so the run behaves like a smaller card): --offload-experts
-none (no budget), auto at 24 GiB, auto and all at 16 GiB, each at 4 x 512 and 8 x 512 tokens per step.
-Each row: tokens/s and its ratio to the resident run, peak allocated and reserved, the planned total,
-streamed layers, host memory, and copies per step (measured and planned).
+--full builds the whole 32-layer Mixtral-shaped model in NF4 from random weights (mtg_core.moe.synthetic),
+with the experts of the layers mtg_core's memory plan streams put in pinned host memory as they are
+quantised, and trains it under GPU budgets applied with torch.cuda.set_per_process_memory_fraction (so
+the run behaves like a smaller card): --offload-experts none (no budget), auto at 24 GiB, auto and all at
+16 GiB, each at 4 x 512 and 8 x 512 tokens per step. Each model runs in a process of its own: bitsandbytes
+never frees paged optimizer state (cudaMallocManaged, bitsandbytes/functional.py:91-99, kept in its
+GlobalPageManager), the allocator's fraction does not cap it, and pinned host memory and the previous
+streamer go with the process. Each row: tokens/s and its ratio to the resident run, peak allocated and
+reserved, the peak device use including memory outside torch's allocator (mtg_core.device_memory), the
+planned total, streamed layers, host memory, and copies per step (measured and planned).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import gc
 import json
+import subprocess
+import sys
 import time
 
 import torch
@@ -46,14 +54,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mtg_core.base_models import QUANTIZED_PARTS, count_quantized
 from mtg_core.moe import MtgMixtralForCausalLM
+from mtg_core.moe.synthetic import MIXTRAL, SMALL, build_nf4, mixtral_config
+from mtg_core.optim import one_sync_per_step
 from mtg_core.plan import GIB, plan_memory
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]
 ATTENTION = TARGETS[:4]
 VARIANTS = {"bf16": TARGETS, "stock": TARGETS, "nf4": TARGETS, "nf4-attn": ATTENTION}  # variant: LoRA targets
 H100_BF16_FLOPS = 989e12  # dense, SXM
-MIXTRAL = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)
-SMALL = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+LORA_DROPOUT = 0.05  # REASON, PREDICT, TEACH, RETROSPECT; EXPLAIN 0.1: dropout takes the path with one A GEMM per kind
 
 
 def build(variant: str, layers: int, small: bool, device: str, dtype: torch.dtype):
@@ -98,7 +107,7 @@ def add_lora(model, targets=TARGETS, seed: int = 1):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
+    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=LORA_DROPOUT, target_modules=targets, init_lora_weights=False)
     model = get_peft_model(model, config)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
@@ -127,6 +136,18 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def paged_adamw_8bit(params):
+    """The optimizer mtg-train builds: bitsandbytes' paged 8-bit AdamW, one host sync per step."""
+    import bitsandbytes as bnb
+
+    return one_sync_per_step(bnb.optim.PagedAdamW8bit)(params, lr=1e-4)
+
+
+def autocast(device, dtype):
+    """accelerate's mixed-precision forward, as Trainer(bf16=True) runs it; nothing in fp32 (the CPU runs)."""
+    return torch.autocast(device, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+
 def synchronize(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -136,7 +157,8 @@ def optimizer_times(params, device, repeats=5) -> dict[str, float]:
     """Milliseconds per optimizer step on the current gradients, for each 8-bit / fused AdamW."""
     import bitsandbytes as bnb
 
-    choices = {"paged_adamw_8bit": lambda: bnb.optim.PagedAdamW8bit(params, lr=1e-4),
+    choices = {"paged_adamw_8bit": lambda: paged_adamw_8bit(params),
+               "paged_adamw_8bit_bitsandbytes": lambda: bnb.optim.PagedAdamW8bit(params, lr=1e-4),  # a sync per tensor
                "adamw_8bit": lambda: bnb.optim.AdamW8bit(params, lr=1e-4),
                "adamw_torch_fused": lambda: torch.optim.AdamW(params, lr=1e-4, fused=True)}
     times = {}
@@ -154,21 +176,21 @@ def optimizer_times(params, device, repeats=5) -> dict[str, float]:
 
 
 def measure(variant, layers, tokens, seq, steps, small, device, dtype):
-    import bitsandbytes as bnb
-
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     model = add_lora(build(variant, layers, small, device, dtype), VARIANTS[variant])
     quant = count_quantized(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = bnb.optim.PagedAdamW8bit(params, lr=1e-4)
+    optimizer = paged_adamw_8bit(params)
     batch = torch.randint(0, model.config.vocab_size, (tokens // seq, seq), device=device,
                           generator=torch.Generator(device=device).manual_seed(2))
     model.train()
 
     def forward_backward():
-        model(input_ids=batch, labels=batch).loss.backward()
+        with autocast(device, dtype):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
 
     def optimizer_step():
         optimizer.step()
@@ -245,129 +267,103 @@ def check_against_bf16(layers, seq, small, device, dtype):
 FULL_RUNS = [("none", None), ("auto", 24), ("auto", 16), ("all", 16)]  # (--offload-experts, GiB budget)
 
 
-def build_full(layers: int, small: bool, device: str, dtype: torch.dtype, streamed: tuple[int, ...]):
-    """The model quantised one matrix at a time from random weights; `streamed` layers' experts go to host memory."""
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
-
-    from mtg_core.moe.streaming import attach, install_streamed_layer, quantized_linear
-
-    config = MixtralConfig(num_hidden_layers=layers, num_local_experts=8, num_experts_per_tok=2,
-                           max_position_embeddings=4096, tie_word_embeddings=False, **(SMALL if small else MIXTRAL))
-    config.mtg_streamed_layers = list(streamed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = MtgMixtralForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    generator = torch.Generator(device=device).manual_seed(0)
-
-    def random(rows, columns):
-        return torch.randn(rows, columns, device=device, dtype=dtype, generator=generator) * 0.02
-
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and any(part in f".{parent_name}.{child_name}." for part in QUANTIZED_PARTS):
-                setattr(parent, child_name, quantized_linear(random(child.out_features, child.in_features)))
-    for module in model.modules():  # embeddings, norms, router, lm_head: in the compute dtype
-        for name, param in list(module.named_parameters(recurse=False)):
-            if param.device.type == "meta":
-                value = torch.ones(param.shape, device=device, dtype=dtype) if "norm" in type(module).__name__.lower() \
-                    else random(*param.shape) if param.dim() == 2 else torch.zeros(param.shape, device=device, dtype=dtype)
-                setattr(module, name, nn.Parameter(value, requires_grad=False))
-    hidden, inter = config.hidden_size, config.intermediate_size
-    shapes = {"w1": (inter, hidden), "w3": (inter, hidden), "w2": (hidden, inter)}
-    hosted = [install_streamed_layer(model, index, {(e, n): quantized_linear(random(*shape)) for e in range(8) for n, shape in shapes.items()},
-                                     pin=device == "cuda") for index in streamed]
-    if hosted:
-        attach(model, hosted)
-    model.model.rotary_emb = MixtralRotaryEmbedding(config).to(device)
-    return model
-
-
-def full_config(small: bool):
-    from transformers import MixtralConfig
-
-    return MixtralConfig(num_hidden_layers=4 if small else 32, num_local_experts=8, num_experts_per_tok=2,
-                         max_position_embeddings=4096, tie_word_embeddings=False, **(SMALL if small else MIXTRAL))
-
-
-def measure_full(runs, token_counts, seq, steps, small, device, dtype) -> list[dict]:
-    """Each (offload, budget) at each token count, building the model anew only when the streamed layers change."""
-    import bitsandbytes as bnb
+def full_plans(runs, token_counts, seq, small, device, dtype):
+    """(offload, budget GiB, tokens, plan) for every row of --full, planned as mtg-train plans."""
     import psutil
 
-    from mtg_core.plan import streamed_copies
-
-    config = full_config(small)
+    config = mixtral_config(4 if small else 32, small)
     total = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else psutil.virtual_memory().total
-    rows, resident_speed, built, model, optimizer = [], {}, None, None, None
     for offload, budget_gib in runs:
         budget = int(budget_gib * GIB) if budget_gib else total
         for tokens in token_counts:
-            plan = plan_memory(config, TARGETS, 16, "nf4", tokens // seq, seq, dtype.itemsize, device, budget, offload=offload,
-                               host_free_bytes=psutil.virtual_memory().available)
-            row = {"offload_experts": offload, "budget_gib": budget_gib, "tokens_per_step": tokens, "layers": config.num_hidden_layers,
-                   "streamed_layers": plan.offloaded_layers, "planned_gib": round((plan.total_bytes - plan.overhead_bytes) / GIB, 3),
-                   "planned_host_gib": round(plan.host_bytes / GIB, 3)}
-            if not plan.fits:
-                rows.append({**row, "skipped": "does not fit this budget by the plan"})
-                continue
-            if built != (budget, plan.streamed_layers):
-                model = optimizer = None
-                gc.collect()
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
-                    torch.cuda.reset_peak_memory_stats()
-                started = time.perf_counter()
-                model = add_lora(build_full(config.num_hidden_layers, small, device, dtype, plan.streamed_layers))
-                row["build_s"] = round(time.perf_counter() - started, 1)
-                optimizer = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-                model.train()
-                built = (budget, plan.streamed_layers)
-            streamer = getattr(model.base_model.model, "expert_streamer", None)
-            batch = torch.randint(0, config.vocab_size, (tokens // seq, seq), device=device, generator=torch.Generator(device=device).manual_seed(2))
+            yield offload, budget_gib, tokens, plan_memory(config, TARGETS, 16, "nf4", tokens // seq, seq, dtype.itemsize, device, budget,
+                                                           offload=offload, host_free_bytes=psutil.virtual_memory().available)
 
-            def train_step():
-                model(input_ids=batch, labels=batch).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
 
-            try:
-                train_step()  # warm-up
-                synchronize(device)
-                if device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                copies = streamer.copies if streamer else 0
-                started = time.perf_counter()
-                for _ in range(steps):
-                    train_step()
-                synchronize(device)
-                elapsed = time.perf_counter() - started
-            except torch.OutOfMemoryError as exc:
-                rows.append({**row, "out_of_memory": str(exc).splitlines()[0][:160]})
-                built = None
-                continue
-            speed = tokens * steps / elapsed
-            if offload == "none":
-                resident_speed[tokens] = speed
-            rows.append({
-                **row,
-                "tokens_per_s": round(speed, 1),
-                "ratio_to_resident": round(speed / resident_speed[tokens], 3) if tokens in resident_speed else None,
-                "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 3) if device == "cuda" else None,
-                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3) if device == "cuda" else None,
-                "host_rss_gib": round(psutil.Process().memory_info().rss / GIB, 3),
-                "copies_per_step": ((streamer.copies - copies) / steps) if streamer else 0,
-                "planned_copies_per_step": streamed_copies(plan.offloaded_layers),
-            })
-    model = optimizer = None
-    if device == "cuda":
-        torch.cuda.set_per_process_memory_fraction(1.0)
+def measure_full(runs, token_counts, seq, steps, small, device, dtype) -> list[dict]:
+    """Every row of --full; each distinct model (budget and streamed layers) trains in a process of its own."""
+    rows, builds = [], {}
+    for offload, budget_gib, tokens, plan in full_plans(runs, token_counts, seq, small, device, dtype):
+        row = {"offload_experts": offload, "budget_gib": budget_gib, "tokens_per_step": tokens, "layers": 4 if small else 32,
+               "streamed_layers": plan.offloaded_layers, "planned_gib": round((plan.total_bytes - plan.overhead_bytes) / GIB, 3),
+               "planned_with_cuda_context_gib": round(plan.total_bytes / GIB, 3), "planned_host_gib": round(plan.host_bytes / GIB, 3)}
+        rows.append(row)
+        if not plan.fits:
+            row["skipped"] = "does not fit this budget by the plan"
+            continue
+        builds.setdefault((budget_gib, plan.streamed_layers), []).append(row)
+    for (budget_gib, streamed), build_rows in builds.items():
+        job = {"budget_gib": budget_gib, "streamed": list(streamed), "tokens": [r["tokens_per_step"] for r in build_rows],
+               "seq": seq, "steps": steps, "small": small}
+        done = subprocess.run([sys.executable, __file__, "--full-build", json.dumps(job)], capture_output=True, text=True)
+        results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode or len(results) != len(build_rows):
+            raise SystemExit(f"--full build {job} failed:\n{done.stderr[-3000:]}")
+        for row, result in zip(build_rows, results):
+            row.update(result)
+    resident = {row["tokens_per_step"]: row["tokens_per_s"] for row in rows if row["offload_experts"] == "none" and "tokens_per_s" in row}
+    for row in rows:
+        if "tokens_per_s" in row and row["tokens_per_step"] in resident:
+            row["ratio_to_resident"] = round(row["tokens_per_s"] / resident[row["tokens_per_step"]], 3)
     return rows
+
+
+def full_build(job: dict, device: str, dtype: torch.dtype) -> None:
+    """One --full model (this process's only one), trained at each token count; prints a JSON line per count."""
+    import psutil
+
+    from mtg_core.device_memory import DevicePeak
+    from mtg_core.plan import streamed_copies
+
+    config = mixtral_config(4 if job["small"] else 32, job["small"])
+    if device == "cuda" and job["budget_gib"]:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, job["budget_gib"] * GIB / torch.cuda.get_device_properties(0).total_memory))
+    started = time.perf_counter()
+    model = add_lora(build_nf4(config, device, dtype, tuple(job["streamed"])))
+    build_s = round(time.perf_counter() - started, 1)
+    optimizer = paged_adamw_8bit([p for p in model.parameters() if p.requires_grad])
+    model.train()
+    streamer = getattr(model.base_model.model, "expert_streamer", None)
+    seq, steps = job["seq"], job["steps"]
+    for tokens in job["tokens"]:
+        batch = torch.randint(0, config.vocab_size, (tokens // seq, seq), device=device, generator=torch.Generator(device=device).manual_seed(2))
+        peak = None  # sampled from the first timed step on
+
+        def train_step():
+            with autocast(device, dtype):
+                loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if peak is not None:
+                peak.sample()
+
+        try:
+            train_step()  # warm-up
+            synchronize(device)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                peak = DevicePeak()
+            copies = streamer.copies if streamer else 0
+            started = time.perf_counter()
+            for _ in range(steps):
+                train_step()
+            synchronize(device)
+            elapsed = time.perf_counter() - started
+        except torch.OutOfMemoryError as exc:
+            print(json.dumps({"build_s": build_s, "out_of_memory": str(exc).splitlines()[0][:160]}), flush=True)
+            continue
+        print(json.dumps({
+            "build_s": build_s,
+            "tokens_per_s": round(tokens * steps / elapsed, 1),
+            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 3) if device == "cuda" else None,
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3) if device == "cuda" else None,
+            # paged optimizer state, CUDA context: what the fraction above does not cap
+            "peak_device_gib": round(peak.peak() / GIB, 3) if peak is not None else None,
+            "host_rss_gib": round(psutil.Process().memory_info().rss / GIB, 3),
+            "copies_per_step": ((streamer.copies - copies) / steps) if streamer else 0,
+            "planned_copies_per_step": streamed_copies(len(job["streamed"])),
+        }), flush=True)
 
 
 def main():
@@ -379,9 +375,14 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--full", action="store_true", help="the whole 32-layer model under 16/24 GiB budgets, experts streamed")
+    parser.add_argument("--full-build", help=argparse.SUPPRESS)  # one --full model, in the process --full starts for it
     args = parser.parse_args()
     device = "cpu" if args.small or not torch.cuda.is_available() else "cuda"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.full_build:
+        job = json.loads(args.full_build)
+        full_build(job, "cpu" if job["small"] else device, dtype if not job["small"] else torch.float32)
+        return
     if args.small:
         args.layers, args.tokens, args.seq, args.steps = [2], [256], 64, 2
     print(json.dumps({"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,

@@ -3,12 +3,13 @@
 Each term follows what the libraries actually allocate, so it can be checked against a real run:
 bitsandbytes NF4 with double quantisation, peft LoRA kept in fp32, bitsandbytes' 8-bit AdamW (32-bit
 state for tensors under 4096 elements), non-reentrant gradient checkpointing (one saved hidden state
-per layer, one layer recomputed at a time), and transformers' fp32 upcast of the logits for the loss.
+per layer, one layer recomputed at a time), and the logits' fp32 copies in the loss and its backward (logit_bytes).
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 
 import attrs
 
@@ -36,7 +37,7 @@ class MemoryPlan:
     # Experts streamed from host memory (see mtg_core.moe.streaming); weights_4bit_bytes excludes their packed data.
     streamed_layers: tuple[int, ...] = ()
     staging_bytes: int = 0  # the device buffers streamed experts are copied into
-    host_bytes: int = 0  # pinned host memory holding the streamed experts
+    host_bytes: int = 0  # pinned host memory holding the streamed experts, as pinned (whole pages)
     host_free_bytes: int | None = None
     transfer_bytes_per_step: int = 0  # host -> device per optimizer step, in the steady state
 
@@ -120,14 +121,36 @@ def streaming(plan: MemoryPlan, model_config, streamed: int, grad_accum: int) ->
         weights_4bit_bytes=resident - streamed * layer_bytes,
         streamed_layers=spread(streamed, model_config.num_hidden_layers),
         staging_bytes=min(streamed, 2) * layer_bytes,
-        host_bytes=streamed * layer_bytes,
+        host_bytes=streamed * pinned_bytes(layer_bytes),
         transfer_bytes_per_step=grad_accum * streamed_copies(streamed) * layer_bytes,
     )
+
+
+def pinned_bytes(nbytes: int) -> int:
+    """What pinning `nbytes` locks (moe.streaming.pinned_empty): whole pages, nothing rounded to a power of two."""
+    return -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 def expert_packed_bytes(model_config) -> int:
     """One layer's experts as packed NF4 data (two weights a byte): what streaming copies; constants stay resident."""
     return model_config.num_local_experts * 3 * model_config.hidden_size * model_config.intermediate_size // 2
+
+
+def logit_bytes(compute_bytes: int) -> int:
+    """Bytes per logit at the step's peak (transformers 5, accelerate 1.x), the larger of:
+
+    - forward: the compute-dtype logits, the log-probabilities cross_entropy keeps for backward (fp32), and
+      one fp32 copy when the logits are not fp32: first ForCausalLMLoss's upcast (`logits.float()`,
+      transformers/loss/loss_utils.py:62), then, once the loss is done, accelerate's
+      convert_outputs_to_fp32 around the mixed-precision forward (accelerate/accelerator.py:1796,
+      accelerate/utils/operations.py:884);
+    - backward through log_softmax: the saved log-probabilities, their gradient and the logits' fp32 gradient
+      (the outputs are gone by then: Trainer.compute_loss returns only the loss).
+    12 bytes in bf16 and fp32 alike; the plan counted 10 for bf16 before.
+    """
+    forward = compute_bytes + 4 + (4 if compute_bytes < 4 else 0)
+    backward = 3 * 4
+    return max(forward, backward)
 
 
 def _plan_memory(model_config, target_modules, rank: int, quant: str, batch_size: int, seq_len: int,
@@ -171,11 +194,12 @@ def _plan_memory(model_config, target_modules, rank: int, quant: str, batch_size
     saved = layers * tokens * hidden * compute_bytes
     attention = tokens * (6 * hidden + 2 * kv + 3 * hidden) * compute_bytes
     moe = tokens * top_k * (2 * hidden + 5 * inter + hidden) * compute_bytes + tokens * experts * 4
-    # The grouped expert path holds a whole layer's experts stacked in the compute dtype (saved for backward),
-    # plus, for NF4, the packed copy of the larger group (w1|w3) while it is dequantised in one call.
-    dequantized = experts * 3 * hidden * inter * compute_bytes + (experts * hidden * inter if quant == "nf4" else 0)
+    # The grouped expert path holds a whole layer's experts stacked in the compute dtype (saved for backward).
+    # It dequantises them straight from one contiguous buffer (resident layers are laid out so on first use,
+    # streamed ones sit so in their staging buffer): no packed copy.
+    dequantized = experts * 3 * hidden * inter * compute_bytes
     activation = saved + 2 * (attention + moe) + dequantized  # forward recompute + its gradients
-    logits = tokens * c.vocab_size * (compute_bytes + 4 + 4)  # logits, fp32 upcast, fp32 gradient
+    logits = tokens * c.vocab_size * logit_bytes(compute_bytes)
     return MemoryPlan(
         weights_4bit_bytes=quantized,
         weights_other_bytes=other,

@@ -26,6 +26,7 @@ import attrs
 from mtg_core.data import TokenizedData, check_trainable, describe_lines, load_examples, tokenize
 from mtg_core.errors import ConfigError, OutOfMemory, TrainingInterrupted
 from mtg_core.experts import FormattedExample, LoraSettings
+from mtg_core.optim import one_sync_per_step
 from mtg_core.outputs import (
     OutputError, checkpoint_problem, install, is_ours, is_write_failure, json_problem, work_dir,
     require_writable_folder, write_failure_reason,
@@ -247,10 +248,14 @@ def _trainer_classes():
     from transformers import ProgressCallback, Trainer, TrainerCallback
 
     class MemoryLoggingTrainer(Trainer):
+        device_peak = None  # mtg_core.device_memory.DevicePeak on CUDA: sampled at each logging step
+
         # Trainer.log is the one place every reporter (TensorBoard included) reads from: memory joins the logs here.
         def log(self, logs, start_time=None):
             if "loss" in logs:
                 logs.update(memory_stats())
+                if self.device_peak is not None:
+                    logs["memory/cuda_device_used_gib"] = round(self.device_peak.sample() / 1024**3, 4)
             super().log(logs, start_time)
 
     class LogLines(TrainerCallback):
@@ -364,9 +369,11 @@ def train_expert(base, registry: Registry, run: PreparedRun, plan, options: Trai
             dataloader_pin_memory=cuda,
         )
         MemoryLoggingTrainer, own_callbacks, ProgressBarOnly = _trainer_classes()
+        optimizer_cls, optimizer_kwargs = MemoryLoggingTrainer.get_optimizer_cls_and_kwargs(args)
         trainer = MemoryLoggingTrainer(
             model=model,
             args=args,
+            optimizer_cls_and_kwargs=(one_sync_per_step(optimizer_cls), optimizer_kwargs),  # mtg_core.optim: why
             train_dataset=Dataset.from_list(data.rows),
             data_collator=DataCollatorForSeq2Seq(base.tokenizer, padding=True, label_pad_token_id=-100),
             callbacks=[*own_callbacks, *registry.trainer_callbacks(expert)],
@@ -375,7 +382,10 @@ def train_expert(base, registry: Registry, run: PreparedRun, plan, options: Trai
         progress = ProgressBarOnly()
         trainer.add_callback(progress)
         if cuda:
+            from mtg_core.device_memory import DevicePeak
+
             torch.cuda.reset_peak_memory_stats()
+            trainer.device_peak = DevicePeak(base.model.device)  # paged optimizer state is outside torch's allocator
         if run.resume_from:
             log.info("%s: resumed from step %d (%s)", expert.name, step_of(run.resume_from), run.resume_from)
         streamer = getattr(base.model, "expert_streamer", None)
@@ -437,7 +447,8 @@ def train_expert(base, registry: Registry, run: PreparedRun, plan, options: Trai
             "wall_time_s": round(wall, 2),
             "peak_memory": {
                 "rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 4),
-                **({"cuda_peak_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 4)} if cuda else {}),
+                **({"cuda_peak_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 4),
+                    "cuda_peak_with_outside_allocator_gib": round(trainer.device_peak.peak() / 1024**3, 4)} if cuda else {}),
             },
             "memory_plan": plan.as_dict(),
             "skipped_plugins": registry.skipped_for(expert.name),
@@ -468,8 +479,10 @@ def train_expert(base, registry: Registry, run: PreparedRun, plan, options: Trai
             raise OutputError(f"{final}: cannot be replaced ({exc.strerror}); it is unchanged and the new adapter was discarded") from None
         finished = True
         if cuda:
-            log.info("%s: peak CUDA memory %.3f GiB, planned %.3f GiB", expert.name,
-                     meta["peak_memory"]["cuda_peak_gib"], (plan.total_bytes - plan.overhead_bytes) / 1024**3)
+            log.info("%s: peak CUDA memory %.3f GiB allocated, planned %.3f GiB; %.3f GiB with what torch's allocator does "
+                     "not see (paged optimizer state, CUDA context), planned %.3f GiB", expert.name, meta["peak_memory"]["cuda_peak_gib"],
+                     (plan.total_bytes - plan.overhead_bytes) / 1024**3, meta["peak_memory"]["cuda_peak_with_outside_allocator_gib"],
+                     plan.total_bytes / 1024**3)
         log.info("%s: adapter saved to %s (loss %.4f -> %.4f in %.1fs)", expert.name, final, meta["first_loss"], meta["final_loss"], wall)
         return meta
     finally:

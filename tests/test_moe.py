@@ -239,7 +239,7 @@ def test_the_loop_backend_equals_torch_grouped_mm(monkeypatch, requires_grad):
     results = {}
     for name in grouped.BACKENDS:
         monkeypatch.setattr(grouped, "_backends", {("cpu", torch.float32): name})
-        y = grouped_mm(x, weight, ends)
+        y = grouped_mm(x, weight, grouped.Ends(ends))
         if requires_grad:
             x.grad = weight.grad = None
             (y * torch.arange(8.0)).sum().backward()

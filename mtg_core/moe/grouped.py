@@ -1,7 +1,8 @@
 """A MoE layer's experts in grouped GEMMs: frozen weights and peft's LoRA terms, every expert at once.
 
-Rows (token, slot) are sorted by expert; expert e owns rows ends[e-1]:ends[e]. `ends` stays a device
-tensor: nothing here reads it on the host, so the path has no host syncs. Per MoE layer and pass (the
+Rows (token, slot) are sorted by expert; expert e owns rows ends[e-1]:ends[e]. On the grouped_mm backend
+`ends` stays on the device: nothing reads it on the host, so the path has no host syncs; the loop backend
+reads it once per layer and pass (see `backend` for which runs where). Per MoE layer and pass (the
 forward, and its recompute under gradient checkpointing) it launches: routing (sort, searchsorted,
 two gathers); one batched dequantisation per frozen group (w1|w3 and w2); two frozen grouped
 GEMMs; per LoRA tensor kind one stack of the experts' peft weights; four LoRA grouped GEMMs (w1 and w3
@@ -21,33 +22,61 @@ from mtg_core.errors import ConfigError
 BACKENDS = ("grouped_mm", "loop")  # torch._grouped_mm, or one matmul per expert (reads `ends` on the host)
 BACKEND_ENV = "MTG_MOE_BACKEND"
 _backends: dict[tuple[str, torch.dtype], str] = {}
+_warned_unaligned: set[tuple[str, torch.dtype]] = set()
+log = logging.getLogger("mtg_core")
 
 
 def backend(device: torch.device, dtype: torch.dtype) -> str:
-    """The grouped-GEMM backend for this device type and dtype, chosen once (MTG_MOE_BACKEND overrides)."""
+    """The grouped-GEMM backend for this device type and dtype, chosen once and logged with why (MTG_MOE_BACKEND overrides)."""
     key = (device.type, dtype)
     if key not in _backends:
-        _backends[key] = _choose_backend(device, dtype)
+        _backends[key], why = _choose_backend(device, dtype)
+        log.info("MoE experts on %s in %s: %s backend (%s)", device.type, str(dtype).removeprefix("torch."), _backends[key], why)
     return _backends[key]
 
 
-def _choose_backend(device: torch.device, dtype: torch.dtype) -> str:
+def _choose_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """(backend, why). torch._grouped_mm has one fast kernel, CUTLASS bf16 x bf16 on sm90/sm100
+    (torch/include/ATen/native/cuda/GroupMM.h:7, `bf16bf16_grouped_mm`; aten/src/ATen/native/cuda/GroupedBlas.cpp
+    takes it only for bf16 on compute capability 9.x or 10.x). Elsewhere on CUDA it runs `_grouped_mm_fallback`,
+    which copies `offs` to the host on every call: ~25 host syncs per MoE layer and step. There the loop, which
+    reads `ends` once per layer and pass (Ends.host), is the faster choice. On the CPU no copy syncs anything."""
     requested = os.environ.get(BACKEND_ENV)
     if requested:
         if requested not in BACKENDS:
             raise ConfigError(f"{BACKEND_ENV}={requested!r}: unknown MoE backend; use one of {', '.join(BACKENDS)} or unset it")
-        return requested
+        return requested, f"{BACKEND_ENV}={requested}"
     if not hasattr(torch, "_grouped_mm"):
-        return "loop"
-    try:  # a call is the only reliable check: kernels exist per GPU generation, dtype and torch build
+        return "loop", f"torch {torch.__version__} has no _grouped_mm"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major not in (9, 10) or dtype != torch.bfloat16:
+            return "loop", (f"sm{major}{minor} in {str(dtype).removeprefix('torch.')}: torch._grouped_mm's fast kernel needs "
+                            "sm90/sm100 and bf16, its fallback syncs the host on every GEMM")
+    try:  # a call is the only reliable check that this torch build has the kernel
         ones = torch.ones(2, 8, 8, device=device, dtype=dtype)
         torch._grouped_mm(ones[0], ones, offs=torch.tensor([1, 8], device=device, dtype=torch.int32))
     except RuntimeError as exc:
-        logging.getLogger("mtg_core").warning(
-            "torch._grouped_mm unavailable on %s for %s (%s); experts use one matmul each",
-            device.type, dtype, str(exc).splitlines()[0])
-        return "loop"
-    return "grouped_mm"
+        return "loop", f"torch._grouped_mm failed: {str(exc).splitlines()[0]}"
+    if device.type == "cuda":
+        return "grouped_mm", f"sm{major}{minor} in bf16: torch._grouped_mm's CUTLASS kernel, no host syncs"
+    return "grouped_mm", f"{device.type}: torch._grouped_mm (no device to sync with)"
+
+
+class Ends:
+    """Where each expert's rows end (int32 [E], sorted rows): on the device for torch._grouped_mm, and on the
+    host for the per-expert loop, read there at most once per layer and pass however many GEMMs use it."""
+
+    __slots__ = ("device", "_host")
+
+    def __init__(self, device: torch.Tensor) -> None:
+        self.device = device
+        self._host: list[int] | None = None
+
+    def host(self) -> list[int]:
+        if self._host is None:
+            self._host = self.device.tolist()  # the one host sync of this layer's pass on the loop backend
+        return self._host
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -56,12 +85,18 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and all(stride * size % 16 == 0 for stride in t.stride() if stride != 1)
 
 
-def grouped_mm(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, ends: Ends) -> torch.Tensor:
     """Rows of `x` [N, in] sorted by expert, times their expert's `weight[e]` [in, out]; differentiable."""
-    if backend(x.device, x.dtype) == "grouped_mm" and _aligned(x) and _aligned(weight):
-        return torch._grouped_mm(x, weight, offs=ends)
+    if backend(x.device, x.dtype) == "grouped_mm":
+        if _aligned(x) and _aligned(weight):
+            return torch._grouped_mm(x, weight, offs=ends.device)
+        key = (x.device.type, x.dtype)
+        if key not in _warned_unaligned:
+            _warned_unaligned.add(key)
+            log.warning("MoE experts: a %s operand of torch._grouped_mm is not 16-byte aligned (shapes %s, %s); "
+                        "such GEMMs run one matmul per expert", str(x.dtype).removeprefix("torch."), tuple(x.shape), tuple(weight.shape))
     parts, start = [], 0
-    for expert, end in enumerate(ends.tolist()):  # the host sync the grouped kernel avoids
+    for expert, end in enumerate(ends.host()):
         parts.append(x[start:end] @ weight[expert])
         start = end
     return torch.cat(parts)
@@ -179,16 +214,19 @@ class FrozenGroupedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, ends, groups):
+    def forward(ctx, x, ends, groups, dequantised=None):
         weight = stacked_frozen_weights(groups, x.dtype)
-        ctx.save_for_backward(weight, ends)
+        if dequantised is not None:
+            dequantised()
+        ctx.save_for_backward(weight)
+        ctx.ends = ends  # not a saved tensor: backward reuses its host copy, if the forward read one
         return grouped_mm(x, weight.transpose(1, 2), ends)
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, ends = ctx.saved_tensors
+        (weight,) = ctx.saved_tensors
         # contiguous(): torch._grouped_mm rejects the stride-0 gradients that e.g. y.sum() produces
-        return grouped_mm(grad_out.contiguous(), weight, ends), None, None
+        return grouped_mm(grad_out.contiguous(), weight, ctx.ends), None, None, None
 
 
 KINDS = ("w1", "w3", "w2")
@@ -249,7 +287,7 @@ class _Stacked(torch.autograd.Function):
         return None, *grad.to(ctx.dtype).unbind(0)
 
 
-def lora_terms(x: torch.Tensor, ends: torch.Tensor, kinds, adapter: str) -> list[torch.Tensor]:
+def lora_terms(x: torch.Tensor, ends: Ends, kinds, adapter: str) -> list[torch.Tensor]:
     """lora_B(lora_A(dropout(x))) of each kind of matrix for all experts, unscaled, in grouped GEMMs.
 
     peft's per-expert A [r, in] and B [out, r] weights (the trainable parameters it saves) are stacked
@@ -276,12 +314,14 @@ def lora_terms(x: torch.Tensor, ends: torch.Tensor, kinds, adapter: str) -> list
     return terms
 
 
-def grouped_experts_forward(experts, adapters, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-    """What transformers' MixtralExperts computes, with `experts` a list of ExpertMLP (w1, w3, w2)."""
+def grouped_experts_forward(experts, adapters, hidden_states, top_k_index, top_k_weights, release=None) -> torch.Tensor:
+    """What transformers' MixtralExperts computes, with `experts` a list of ExpertMLP (w1, w3, w2).
+
+    `release` (streamed experts) is called once the packed weights are read for the last time: after w2's dequantisation."""
     top_k = top_k_index.shape[1]
     with torch.no_grad():  # searchsorted, not bincount: CUDA's bincount reads its input's maximum on the host
         routed, order = top_k_index.reshape(-1).sort(stable=True)
-        ends = torch.searchsorted(routed, torch.arange(len(experts), device=routed.device), right=True, out_int32=True)
+        ends = Ends(torch.searchsorted(routed, torch.arange(len(experts), device=routed.device), right=True, out_int32=True))
         token = order // top_k
     x = hidden_states.index_select(0, token)
     w1, w3, w2 = ([getattr(expert, name) for expert in experts] for name in ("w1", "w3", "w2"))
@@ -291,7 +331,7 @@ def grouped_experts_forward(experts, adapters, hidden_states, top_k_index, top_k
         gate = torch.add(gate, gate_term, alpha=w1[0].scaling[adapter])
         up = torch.add(up, up_term, alpha=w3[0].scaling[adapter])
     h = experts[0].act_fn(gate) * up
-    y = FrozenGroupedLinear.apply(h, ends, [(layer,) for layer in w2])
+    y = FrozenGroupedLinear.apply(h, ends, [(layer,) for layer in w2], release)
     for adapter in adapters:
         (down_term,) = lora_terms(h, ends, [w2], adapter)
         y = torch.add(y, down_term, alpha=w2[0].scaling[adapter])

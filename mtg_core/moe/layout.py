@@ -18,6 +18,7 @@ from transformers.core_model_loading import WeightRenaming
 
 from mtg_core.errors import ConfigError
 from mtg_core.moe.grouped import grouped_adapters, grouped_experts_forward
+from mtg_core.moe.streaming import pack_contiguously
 
 
 class ExpertMLP(nn.Module):
@@ -44,6 +45,7 @@ class LinearExperts(nn.ModuleList):
 
     grouped = True  # tests and benchmarks turn it off to compare against the reference loop
     stream = None  # (ExpertStreamer, position) when the packed experts live in host memory (moe.streaming)
+    packed = False  # resident NF4 experts laid out back to back (moe.streaming.pack_contiguously), done on first use
 
     def __init__(self, config: MixtralConfig, experts: int | None = None) -> None:
         super().__init__(ExpertMLP(config) for _ in range(config.num_local_experts if experts is None else experts))
@@ -52,13 +54,16 @@ class LinearExperts(nn.ModuleList):
         if self.stream is None:
             return self._forward(hidden_states, top_k_index, top_k_weights)
         streamer, position = self.stream
-        with streamer.loaded(position):
-            return self._forward(hidden_states, top_k_index, top_k_weights)
+        with streamer.loaded(position) as release:
+            return self._forward(hidden_states, top_k_index, top_k_weights, release)
 
-    def _forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def _forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 release=None) -> torch.Tensor:
         adapters = grouped_adapters(self) if self.grouped else None
         if adapters is not None:
-            return grouped_experts_forward(self, adapters, hidden_states, top_k_index, top_k_weights)
+            if self.stream is None and not self.packed:
+                self.packed = pack_contiguously(self)
+            return grouped_experts_forward(self, adapters, hidden_states, top_k_index, top_k_weights, release)
         if self.stream is not None:
             # bitsandbytes' own backward reads the packed weight again, after the staging buffer moved on
             raise ConfigError("experts streamed from host memory need the grouped path (plain LoRA, the same on every "

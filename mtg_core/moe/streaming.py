@@ -21,7 +21,9 @@ modules to the device synchronously, keep no double buffer, and refuse 4-bit wei
 from __future__ import annotations
 
 import json
+import mmap
 import re
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +31,7 @@ import attrs
 import torch
 
 from mtg_core.errors import BaseModelError
+from mtg_core.plan import pinned_bytes
 
 STAGING_BUFFERS = 2
 
@@ -72,20 +75,30 @@ class ExpertStreamer:
 
     @contextmanager
     def loaded(self, position: int):
-        """Within the block the layer's Params4bit hold views of a staging buffer with its packed experts."""
+        """Within the block the layer's Params4bit hold views of a staging buffer with its packed experts.
+
+        Yields `release`, which the grouped path calls right after its last dequantisation reads the
+        buffer (w2's): from then on the next copy into it may run, overlapping the layer's GEMMs."""
         slot = self._acquire(position)
         for param, offset, shape in self.layers[position].params:
             param.data = slot.buffer[offset : offset + shape.numel()].view(shape)
         nxt = self._predict(position)
         if nxt != position and not any(s.layer == nxt for s in self.slots):
             self._copy(nxt, self._victim(keep=slot), "prefetch")
+        released = []
+
+        def release():
+            if not released:
+                released.append(True)
+                if self.cuda:
+                    slot.free = torch.cuda.current_stream(self.device).record_event()
+
         try:
-            yield
+            yield release
         finally:
             for param, _, _ in self.layers[position].params:
                 param.data = self.placeholder
-            if self.cuda:
-                slot.free = torch.cuda.current_stream(self.device).record_event()
+            release()  # a path that never said (an exception): the end of the layer
 
     def _acquire(self, position: int) -> _Slot:
         slot = next((s for s in self.slots if s.layer == position), None)
@@ -135,7 +148,7 @@ class ExpertStreamer:
 def host_copy(params: list, pin: bool) -> tuple[torch.Tensor, list]:
     """One host buffer holding `params`' packed data back to back, and (param, offset, shape) for each."""
     total = sum(p.data.numel() for p in params)
-    host = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    host = pinned_empty(total) if pin else torch.empty(total, dtype=torch.uint8)
     entries, offset = [], 0
     for param in params:
         data = param.data
@@ -143,6 +156,46 @@ def host_copy(params: list, pin: bool) -> tuple[torch.Tensor, list]:
         entries.append((param, offset, data.shape))
         offset += data.numel()
     return host, entries
+
+
+def pinned_empty(nbytes: int) -> torch.Tensor:
+    """`nbytes` of page-locked host memory (uint8), pinning only the pages they span.
+
+    Not torch.empty(pin_memory=True): that goes through torch's caching host allocator, which rounds every
+    block up to a power of two (torch/include/ATen/core/CachingHostAllocator.h:300-306, with no threshold by
+    default: c10/core/AllocatorConfig.h:361), so one Mixtral layer's 672 MiB would pin 1 GiB and 16 GiB of
+    streamed layers ~32 GiB. An anonymous mapping is page-aligned; cudaHostRegister locks exactly its pages,
+    and they are unregistered when the tensor goes.
+    """
+    cudart = torch.cuda.cudart()
+    buffer = mmap.mmap(-1, pinned_bytes(max(nbytes, 1)))
+    host = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes)  # the tensor keeps the mapping alive
+    pointer = host.data_ptr()
+    status = cudart.cudaHostRegister(pointer, len(buffer), 0)
+    if int(status) != 0:
+        raise BaseModelError(f"cannot pin {len(buffer) / 1024**3:.2f} GiB of host memory for streamed experts ({status}); "
+                             "free host memory or stream fewer layers (--offload-experts auto with a larger budget)")
+    weakref.finalize(host, cudart.cudaHostUnregister, pointer)
+    return host
+
+
+def pack_contiguously(experts) -> bool:
+    """Lay a resident layer's NF4 experts out back to back in one device buffer, in packing_order, so that
+    the grouped path dequantises each group straight from it (grouped._adjacent), as it does from a
+    streaming buffer, instead of concatenating the packed w1|w3 (0.44 GiB per Mixtral layer) every pass.
+    Runs once per layer, on its first use; True when the layer's experts are NF4 and now contiguous."""
+    params = packing_order(experts)
+    if not params or any(type(p).__name__ != "Params4bit" for p in params) or len({(p.dtype, p.device) for p in params}) > 1:
+        return False
+    sizes = [p.data.numel() for p in params]
+    with torch.no_grad():
+        buffer = torch.empty(sum(sizes), dtype=params[0].dtype, device=params[0].device)
+        for param, target in zip(params, buffer.split(sizes)):
+            target.copy_(param.data.reshape(-1))
+            param.data = target.view(param.data.shape)
+    if buffer.is_cuda:  # the per-matrix blocks just freed cannot hold the next layer's buffer: give them back
+        torch.cuda.empty_cache()
+    return True
 
 
 def attach(model, layers: list[StreamedLayer]) -> ExpertStreamer:
