@@ -3,12 +3,16 @@
 import json
 import subprocess
 
+import pytest
+import torch
 from click.testing import CliRunner
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import MTG_TRAIN, cli_env
 from mtg_core.base_models import TINY, base_config, choose_base, load_base
 from mtg_core.cli import train_command
-from mtg_core.plan import GIB, plan_memory
+from mtg_core.plan import GIB, logit_bytes, plan_memory
 from mtg_core.plugins import Registry
 
 KEYS = {"weights_bytes", "lora_params", "optimizer_bytes", "activation_bytes", "total_bytes", "device_free_bytes", "fits"}
@@ -72,9 +76,55 @@ def test_plan_json_needs_no_weights_and_refuses_what_does_not_fit(tmp_path):
     assert "to fit: --batch-size" in too_big.stdout
 
 
-def test_training_records_the_plan_next_to_the_measured_peak(tmp_path):
+def test_training_records_the_plan_next_to_the_measured_peak(tmp_path, monkeypatch):
+    import bitsandbytes.optim.optimizer as bnb_optimizer
+
+    import mtg_core.train
+
+    syncs, built = [], []
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: syncs.append(t))
+    monkeypatch.setattr(mtg_core.train, "one_sync_per_step", lambda cls: built.append(mtg_core.optim.one_sync_per_step(cls)) or built[-1])
     result = CliRunner().invoke(train_command, ["--expert", "teach", "--max-steps", "1", "--max-samples", "4", "--output-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
+    assert built[0].__name__ == "AdamWOneSync" and len(syncs) == 1  # the optimizer mtg-train ran: one host sync for its one step
     meta = json.loads((tmp_path / "teach" / "training_meta.json").read_text())
     assert KEYS <= set(meta["memory_plan"]) and meta["memory_plan"]["lora_params"] > 0
     assert "memory plan" in (tmp_path / "training_log.txt").read_text()
+
+
+class LiveLogitBytes(TorchDispatchMode):
+    """The most bytes that tensors of the logits' size held at once (their storages, alive or saved for backward)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.live, self.peak = numel, {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.numel() == self.numel:
+                storage = t.untyped_storage()
+                self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+        self.live = {key: (ref, size) for key, (ref, size) in self.live.items() if not ref.expired()}
+        self.peak = max(self.peak, sum(size for _, size in self.live.values()))
+        return out
+
+
+@pytest.mark.parametrize("mixed_precision", [False, True])
+def test_planned_bytes_per_logit_are_what_the_loss_and_its_backward_hold(mixed_precision):
+    """transformers' loss and accelerate's bf16 forward (autocast + convert_outputs_to_fp32, as Trainer(bf16=True)
+    wraps it) on a one-layer Mixtral; widths chosen so that no other tensor has the logits' size."""
+    from accelerate.utils import convert_outputs_to_fp32
+    from transformers import MixtralForCausalLM
+
+    from mtg_core.moe.synthetic import mixtral_config
+
+    config = mixtral_config(1, small=True)
+    config.vocab_size = 1000
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config)
+    forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)) if mixed_precision else model.forward
+    ids = torch.randint(0, config.vocab_size, (2, 48))
+    with LiveLogitBytes(ids.numel() * config.vocab_size) as live:
+        forward(input_ids=ids, labels=ids).loss.backward()
+    assert live.peak == ids.numel() * config.vocab_size * logit_bytes(2 if mixed_precision else 4) == ids.numel() * config.vocab_size * 12
