@@ -259,6 +259,83 @@ def test_an_unknown_backend_override_names_the_variable_and_the_choices(monkeypa
         grouped.backend(torch.device("cpu"), torch.float32)
 
 
+@pytest.mark.parametrize("capability, dtype, chosen", [
+    ((9, 0), torch.bfloat16, "grouped_mm"),  # H100, H200
+    ((10, 0), torch.bfloat16, "grouped_mm"),  # B200
+    ((9, 0), torch.float16, "loop"),  # the CUTLASS kernel is bf16 only
+    ((8, 0), torch.bfloat16, "loop"),  # A100
+    ((8, 9), torch.bfloat16, "loop"),  # L40S, RTX 4090, L4
+    ((8, 6), torch.bfloat16, "loop"),  # RTX 3090
+    ((12, 0), torch.bfloat16, "loop"),  # RTX 5090
+])
+def test_the_backend_follows_what_the_card_runs_fast_and_is_logged_once_with_why(monkeypatch, caplog, capability, dtype, chosen):
+    probed = []
+    monkeypatch.setattr(grouped, "_backends", {})
+    monkeypatch.delenv(grouped.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(grouped, "_grouped_mm_fails", lambda device, dtype: probed.append(device) and None)
+    with caplog.at_level("INFO", logger="mtg_core"):
+        assert grouped.backend(torch.device("cuda"), dtype) == chosen
+        assert grouped.backend(torch.device("cuda"), dtype) == chosen
+    lines = [r.getMessage() for r in caplog.records if "MoE experts on cuda" in r.getMessage()]
+    assert len(lines) == 1 and f": {chosen} backend (sm{capability[0]}{capability[1]} in {str(dtype)[6:]}" in lines[0]
+    assert len(probed) == (chosen == "grouped_mm")  # a slow card is not even probed: the call would pass, and sync
+    if chosen == "loop":
+        assert "its fallback syncs the host on every GEMM" in lines[0]
+
+
+def test_a_grouped_mm_that_does_not_run_falls_back_to_the_loop_saying_why(monkeypatch, caplog):
+    monkeypatch.setattr(grouped, "_backends", {})
+    monkeypatch.delenv(grouped.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(grouped, "_grouped_mm_fails", lambda device, dtype: "no kernel image is available")
+    with caplog.at_level("INFO", logger="mtg_core"):
+        assert grouped.backend(torch.device("cpu"), torch.float32) == "loop"
+    assert "loop backend (torch._grouped_mm failed: no kernel image is available)" in caplog.text
+
+
+def test_the_loop_backend_reads_the_routing_on_the_host_once_per_layer_and_pass(monkeypatch):
+    """Forward and recompute read `ends` once each; backward reuses the forward's copy (not one read per GEMM)."""
+    model = with_lora(tiny("nf4"), dropout=0.1)
+    layer = expert_layers(model)[0]
+    x = torch.randn(40, HIDDEN, requires_grad=True)
+    index, weights = torch.randint(0, EXPERTS, (40, 2)), torch.rand(40, 2).softmax(-1)
+    monkeypatch.setattr(grouped, "_backends", {("cpu", torch.float32): "loop"})
+    reads, tolist = [], torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or tolist(t))
+    with CountOps() as counted:
+        checkpoint(layer, x, index, weights, use_reentrant=False).square().sum().backward()
+    assert reads == [(EXPERTS,), (EXPERTS,)] and counted.ops["aten._grouped_mm"] == 0 and counted.ops["aten.mm"] > 0
+
+
+def test_an_unaligned_operand_runs_the_loop_and_says_so_once(monkeypatch, caplog):
+    monkeypatch.setattr(grouped, "_backends", {("cpu", torch.float32): "grouped_mm"})
+    monkeypatch.setattr(grouped, "_warned_unaligned", set())
+    x = torch.randn(20 * 16 + 1)[1:].view(20, 16)  # data 4 bytes past a 16-byte boundary
+    weight = torch.randn(4, 16, 8)
+    ends = grouped.Ends(torch.tensor([5, 5, 12, 20], dtype=torch.int32))
+    with caplog.at_level("WARNING", logger="mtg_core"):
+        first, second = grouped_mm(x, weight, ends), grouped_mm(x, weight, ends)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, torch.cat([x[:5] @ weight[0], x[5:12] @ weight[2], x[12:] @ weight[3]]))
+    assert len([r for r in caplog.records if "not 16-byte aligned" in r.getMessage()]) == 1
+
+
+def test_resident_experts_are_laid_out_contiguously_once_and_never_concatenated_again():
+    from mtg_core.moe.streaming import packing_order
+
+    model = with_lora(tiny("nf4"))
+    layer = expert_layers(model)[0]
+    x, index, weights = torch.randn(40, HIDDEN), torch.randint(0, EXPERTS, (40, 2)), torch.rand(40, 2).softmax(-1)
+    expected = layer(x, index, weights)  # first use: laid out
+    params = packing_order(layer)
+    assert layer.packed and grouped._adjacent(params) is not None
+    pointers = [p.data_ptr() for p in params]
+    with CountOps() as counted:
+        again = layer(x, index, weights)
+    assert torch.equal(again, expected) and [p.data_ptr() for p in params] == pointers
+    assert counted.uint8_cats == 0  # the packed weights are dequantised where they lie
+
+
 def test_the_grouped_path_reads_nothing_on_the_host(monkeypatch):
     """No .tolist()/.item() in the grouped forward or backward: on a GPU they would stall it each layer."""
     model = with_lora(tiny("nf4"))
@@ -281,10 +358,14 @@ class CountOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops = collections.Counter()
+        self.uint8_cats = 0  # concatenations of packed 4-bit data
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.aten.cat and out.dtype == torch.uint8:
+            self.uint8_cats += 1
+        return out
 
 
 def test_a_training_step_of_the_nf4_model_dispatches_at_most_1500_ops():

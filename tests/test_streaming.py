@@ -2,7 +2,9 @@
 two staging buffers, planned for 16/24/80 GiB budgets. On the CPU host and device are both the CPU and the
 copies are still made, through the same code."""
 
+import gc
 import json
+import mmap
 from contextlib import contextmanager
 
 import pytest
@@ -12,7 +14,8 @@ from safetensors.torch import load_file
 
 from mtg_core.base_models import TINY_CONFIG, TOKENIZER_DIR, base_config, choose_base, load_base
 from mtg_core.cli import eval_command, train_command
-from mtg_core.plan import GIB, expert_packed_bytes, plan_memory, streamed_copies
+from mtg_core.moe import grouped, layout, streaming
+from mtg_core.plan import GIB, expert_packed_bytes, pinned_bytes, plan_memory, streamed_copies
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]
 
@@ -115,9 +118,68 @@ def test_the_host_holds_exactly_what_the_plan_says(six_layers):
     config = base_config(six_layers)
     plan = plan_memory(config, TARGETS, 16, "nf4", 2, 64, 4, "cpu", GIB, offload="all", grad_accum=2)
     host = sum(layer.host.numel() for layer in base.model.expert_streamer.layers)
-    assert host == len(streamed) * expert_packed_bytes(config) == plan.host_bytes / 6 * 3
+    assert host == len(streamed) * expert_packed_bytes(config)
+    assert plan.host_bytes == 6 * pinned_bytes(expert_packed_bytes(config))
     assert plan.transfer_bytes_per_step == 2 * streamed_copies(6) * expert_packed_bytes(config)
     assert base.quantization.quantized_weights == base.quantization.total_weights == 6 * (4 + 24)
+
+
+class FakeCudart:
+    """torch.cuda.cudart() on a machine without CUDA: records what would be pinned."""
+
+    def __init__(self):
+        self.pinned = {}
+
+    def cudaHostRegister(self, pointer, size, flags):
+        assert pointer % mmap.PAGESIZE == 0 and pointer not in self.pinned
+        self.pinned[pointer] = size
+        return 0
+
+    def cudaHostUnregister(self, pointer):
+        del self.pinned[pointer]
+        return 0
+
+
+def test_what_is_pinned_is_what_the_plan_counts_not_a_power_of_two(six_layers, monkeypatch):
+    cudart = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    base = load_base(six_layers, "nf4", log=lambda _: None)
+    config = base_config(six_layers)
+    plan = plan_memory(config, TARGETS, 16, "nf4", 2, 64, 4, "cpu", GIB, offload="all")
+    hosts = []
+    for index in range(6):
+        experts = base.model.model.layers[index].mlp.experts
+        host, entries = streaming.host_copy(streaming.packing_order(experts), pin=True)
+        assert torch.equal(host[entries[1][1]:][: entries[1][0].numel()], entries[1][0].data.reshape(-1))
+        hosts.append(host)
+    assert sum(cudart.pinned.values()) == plan.host_bytes == 6 * pinned_bytes(expert_packed_bytes(config))
+    del hosts, host
+    gc.collect()
+    assert cudart.pinned == {}  # unregistered with their tensors
+    layer = expert_packed_bytes(base_config(choose_base("mixtral-8x7b")))
+    assert layer == 672 * 1024**2 and pinned_bytes(layer) == layer  # torch.empty(pin_memory=True) would pin 1 GiB
+    assert mixtral_plan(16, "all").host_bytes == 32 * layer  # 21 GiB, not 32
+
+
+def test_a_staging_buffer_is_released_right_after_its_last_dequantisation(six_layers, monkeypatch):
+    """The w2 dequantisation is the staging buffer's last reader: `free` is recorded before the w2 GEMMs."""
+    events = []
+    stacked, gemm, forward = grouped.stacked_frozen_weights, grouped.grouped_mm, layout.grouped_experts_forward
+
+    def logged_forward(experts, adapters, hidden, index, weights, release=None):
+        def logged_release():
+            events.append("release")
+            release()
+        return forward(experts, adapters, hidden, index, weights, release and logged_release)  # None: a resident layer
+
+    monkeypatch.setattr(grouped, "stacked_frozen_weights", lambda groups, dtype: events.append(f"dequantise {len(groups[0])}") or stacked(groups, dtype))
+    monkeypatch.setattr(grouped, "grouped_mm", lambda *args: events.append("gemm") or gemm(*args))
+    monkeypatch.setattr(layout, "grouped_experts_forward", logged_forward)
+    model = with_lora(load_base(six_layers, "nf4", log=lambda _: None, streamed_layers=(2,)).model)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4]]))
+    released = events.index("release")  # layer 2, the one streamed layer
+    assert events.count("release") == 1 and events[released - 1 : released + 2] == ["dequantise 1", "release", "gemm"]
 
 
 def mixtral_plan(budget_gib, offload, host_gib=128, batch=4):

@@ -53,14 +53,22 @@ def _choose_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, str]
         if major not in (9, 10) or dtype != torch.bfloat16:
             return "loop", (f"sm{major}{minor} in {str(dtype).removeprefix('torch.')}: torch._grouped_mm's fast kernel needs "
                             "sm90/sm100 and bf16, its fallback syncs the host on every GEMM")
-    try:  # a call is the only reliable check that this torch build has the kernel
+    failure = _grouped_mm_fails(device, dtype)
+    if failure:
+        return "loop", f"torch._grouped_mm failed: {failure}"
+    if device.type == "cuda":
+        return "grouped_mm", f"sm{major}{minor} in bfloat16: torch._grouped_mm's CUTLASS kernel, no host syncs"
+    return "grouped_mm", f"{device.type}: torch._grouped_mm (no device to sync with)"
+
+
+def _grouped_mm_fails(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why torch._grouped_mm does not run here, or None: a call is the only reliable check of a torch build."""
+    try:
         ones = torch.ones(2, 8, 8, device=device, dtype=dtype)
         torch._grouped_mm(ones[0], ones, offs=torch.tensor([1, 8], device=device, dtype=torch.int32))
     except RuntimeError as exc:
-        return "loop", f"torch._grouped_mm failed: {str(exc).splitlines()[0]}"
-    if device.type == "cuda":
-        return "grouped_mm", f"sm{major}{minor} in bf16: torch._grouped_mm's CUTLASS kernel, no host syncs"
-    return "grouped_mm", f"{device.type}: torch._grouped_mm (no device to sync with)"
+        return str(exc).splitlines()[0]
+    return None
 
 
 class Ends:
