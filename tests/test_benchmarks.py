@@ -20,8 +20,9 @@ def test_gpu_moe_benchmark_smoke_runs_every_variant_on_the_cpu():
     assert variants["nf4"]["quantized_weights"] == "56/56" and variants["stock"]["quantized_weights"] == "8/40"
     assert all(row["tokens_per_s"] > 0 and row["planned_gib"] > 0 and row["mfu"] > 0 for row in variants.values())
     nf4 = variants["nf4"]
-    assert 500 < nf4["aten_ops_forward_backward"] <= 1500 and nf4["aten_ops_optimizer_step"] > 0
-    assert set(nf4["optimizer_step_ms"]) == {"paged_adamw_8bit", "adamw_8bit", "adamw_torch_fused"}
+    # LoRA dropout 0.05 as the shipped experts train: one A GEMM per kind, and the dropout ops (1,607 measured)
+    assert 500 < nf4["aten_ops_forward_backward"] <= 1700 and nf4["aten_ops_optimizer_step"] > 0
+    assert set(nf4["optimizer_step_ms"]) == {"paged_adamw_8bit", "paged_adamw_8bit_bitsandbytes", "adamw_8bit", "adamw_torch_fused"}
     assert nf4["expert_lora_cost"] == round(variants["nf4-attn"]["tokens_per_s"] / nf4["tokens_per_s"] - 1, 3)
 
 
@@ -34,3 +35,5 @@ def test_gpu_moe_full_smoke_builds_layer_by_layer_and_streams_as_planned():
     assert resident["offload_experts"] == "none" and resident["streamed_layers"] == 0 and resident["copies_per_step"] == 0
     assert streamed["streamed_layers"] == 4 and streamed["planned_host_gib"] > 0 and streamed["tokens_per_s"] > 0
     assert streamed["copies_per_step"] == streamed["planned_copies_per_step"] == 4  # 2N - 4 in the steady state
+    assert resident["ratio_to_resident"] == 1.0 and 0 < streamed["ratio_to_resident"]
+    assert streamed["build_s"] > 0 and "peak_device_gib" in streamed  # each model built in a process of its own

@@ -193,9 +193,7 @@ def _adjacent(weights) -> torch.Tensor | None:
         if weight.data_ptr() != end or weight.untyped_storage().data_ptr() != storage or not weight.is_contiguous():
             return None
         end += weight.numel() * weight.element_size()
-    first = weights[0]
-    total = sum(w.numel() for w in weights)
-    return torch.empty(0, dtype=first.dtype, device=first.device).set_(first.untyped_storage(), first.storage_offset(), (total, 1))
+    return weights[0].as_strided((sum(w.numel() for w in weights), 1), (1, 1))  # one view op, over all of them
 
 
 def _dequantize_each(weights, dtype: torch.dtype) -> torch.Tensor:
