@@ -47,3 +47,8 @@ def test_a_failing_check_is_one_line_and_exits_1(monkeypatch):
     assert any(line.startswith("FAIL  optimizer step host syncs: 224 host syncs per step, expected 1") for line in lines)
     assert any(line.startswith("FAIL  broken: ValueError: no kernel image (") for line in lines)
     assert "Traceback" not in result.output and "second line" not in result.output
+
+
+def test_a_usage_error_is_one_line_and_exits_2():
+    result = CliRunner().invoke(doctor_command, ["--bogus"])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == ["error: no such option '--bogus'. (see --help)"]

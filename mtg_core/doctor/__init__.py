@@ -16,6 +16,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 import click
 
+from mtg_core.cli import OneLineCommand
+
 GIB = 1024**3
 
 
@@ -106,7 +108,7 @@ def environment(bench) -> dict[str, str]:
     return env
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: environment, checks, ok.")
 def doctor_command(as_json: bool) -> None:
     """Check that this machine runs mtg_core's GPU path right: environment, then PASS/FAIL/SKIP per check.

@@ -188,7 +188,7 @@ def pack_contiguously(experts) -> bool:
     if not params or any(type(p).__name__ != "Params4bit" for p in params) or len({(p.dtype, p.device) for p in params}) > 1:
         return False
     sizes = [p.data.numel() for p in params]
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():  # a first use under inference_mode must not make inference tensors
         buffer = torch.empty(sum(sizes), dtype=params[0].dtype, device=params[0].device)
         for param, target in zip(params, buffer.split(sizes)):
             target.copy_(param.data.reshape(-1))
