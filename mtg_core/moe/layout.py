@@ -45,7 +45,7 @@ class LinearExperts(nn.ModuleList):
 
     grouped = True  # tests and benchmarks turn it off to compare against the reference loop
     stream = None  # (ExpertStreamer, position) when the packed experts live in host memory (moe.streaming)
-    packed = False  # resident NF4 experts laid out back to back (moe.streaming.pack_contiguously), done on first use
+    packed = False  # resident NF4 experts laid out back to back (moe.streaming.pack_contiguously) on first use: done
 
     def __init__(self, config: MixtralConfig, experts: int | None = None) -> None:
         super().__init__(ExpertMLP(config) for _ in range(config.num_local_experts if experts is None else experts))
@@ -62,7 +62,8 @@ class LinearExperts(nn.ModuleList):
         adapters = grouped_adapters(self) if self.grouped else None
         if adapters is not None:
             if self.stream is None and not self.packed:
-                self.packed = pack_contiguously(self)
+                pack_contiguously(self)
+                self.packed = True
             return grouped_experts_forward(self, adapters, hidden_states, top_k_index, top_k_weights, release)
         if self.stream is not None:
             # bitsandbytes' own backward reads the packed weight again, after the staging buffer moved on

@@ -179,14 +179,14 @@ def pinned_empty(nbytes: int) -> torch.Tensor:
     return host
 
 
-def pack_contiguously(experts) -> bool:
+def pack_contiguously(experts) -> None:
     """Lay a resident layer's NF4 experts out back to back in one device buffer, in packing_order, so that
     the grouped path dequantises each group straight from it (grouped._adjacent), as it does from a
     streaming buffer, instead of concatenating the packed w1|w3 (0.44 GiB per Mixtral layer) every pass.
-    Runs once per layer, on its first use; True when the layer's experts are NF4 and now contiguous."""
+    Runs once per layer, on its first use; experts that are not all NF4 stay as they are."""
     params = packing_order(experts)
     if not params or any(type(p).__name__ != "Params4bit" for p in params) or len({(p.dtype, p.device) for p in params}) > 1:
-        return False
+        return
     sizes = [p.data.numel() for p in params]
     with torch.inference_mode(False), torch.no_grad():  # a first use under inference_mode must not make inference tensors
         buffer = torch.empty(sum(sizes), dtype=params[0].dtype, device=params[0].device)
@@ -195,7 +195,6 @@ def pack_contiguously(experts) -> bool:
             param.data = target.view(param.data.shape)
     if buffer.is_cuda:  # the per-matrix blocks just freed cannot hold the next layer's buffer: give them back
         torch.cuda.empty_cache()
-    return True
 
 
 def attach(model, layers: list[StreamedLayer]) -> ExpertStreamer:
