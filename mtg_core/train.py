@@ -373,7 +373,7 @@ def train_expert(base, registry: Registry, run: PreparedRun, plan, options: Trai
         trainer = MemoryLoggingTrainer(
             model=model,
             args=args,
-            optimizer_cls_and_kwargs=(one_sync_per_step(optimizer_cls), optimizer_kwargs),  # mtg_core.optim: why
+            optimizer_cls_and_kwargs=(one_sync_per_step(optimizer_cls), optimizer_kwargs),  # one host sync per step (mtg_core.optim)
             train_dataset=Dataset.from_list(data.rows),
             data_collator=DataCollatorForSeq2Seq(base.tokenizer, padding=True, label_pad_token_id=-100),
             callbacks=[*own_callbacks, *registry.trainer_callbacks(expert)],
