@@ -386,7 +386,8 @@ def test_a_training_step_of_the_nf4_model_dispatches_at_most_1500_ops():
 @cuda_only
 @pytest.mark.parametrize("quant", ["nf4", "none"])
 def test_grouped_lora_in_bf16_on_cuda_is_as_close_to_fp32_as_the_reference(quant):
-    assert grouped.backend(torch.device("cuda"), torch.bfloat16) == "grouped_mm"
+    fast = torch.cuda.get_device_capability()[0] in (9, 10)  # elsewhere the loop: torch's fallback would sync per GEMM
+    assert grouped.backend(torch.device("cuda"), torch.bfloat16) == ("grouped_mm" if fast else "loop")
     ours, reference = bf16_errors(quant, "cuda")
     assert all(o < 0.03 and o < 2 * r + 0.005 for o, r in zip(ours, reference)), (ours, reference)
 
