@@ -175,8 +175,14 @@ def pinned_empty(nbytes: int) -> torch.Tensor:
     if int(status) != 0:
         raise BaseModelError(f"cannot pin {len(buffer) / 1024**3:.2f} GiB of host memory for streamed experts ({status}); "
                              "free host memory or stream fewer layers (--offload-experts auto with a larger budget)")
-    weakref.finalize(host, cudart.cudaHostUnregister, pointer)
+    weakref.finalize(host, _unpin, cudart, pointer)
     return host
+
+
+def _unpin(cudart, pointer: int) -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # a prefetch from these pages may still be running
+    cudart.cudaHostUnregister(pointer)
 
 
 def pack_contiguously(experts) -> None:
