@@ -88,7 +88,7 @@ def check_adapter(adapters: Path, expert: str, choice) -> Path:
 
     base = base_config(choice)
     if base.model_type in MIXTRAL_TYPES:  # the layout whose shapes are known without the weights
-        check_lora_fits(folder, config, lora_modules(folder), base, choice.name)
+        check_lora_fits(folder, config, lora_modules(folder), base, choice.name, others_allowed=True)
     return folder
 
 
@@ -118,9 +118,10 @@ def lora_modules(folder: Path) -> dict:
     return {module: (pair["A"], pair["B"]) for module, pair in sorted(pairs.items())}
 
 
-def check_lora_fits(folder: Path, config: dict, modules: dict, base, base_name: str) -> None:
-    """Every LoRA matrix is a Mixtral attention projection or expert matrix of `base` (its transformers config) at the
-    adapter's rank, and adapter_config.json's target_modules selects it (peft would otherwise drop it, or find nothing)."""
+def check_lora_fits(folder: Path, config: dict, modules: dict, base, base_name: str, others_allowed: bool = False) -> None:
+    """Every LoRA matrix of a Mixtral attention projection or expert matrix fits `base` (its transformers config) at the
+    adapter's rank, and adapter_config.json's target_modules selects it (peft would otherwise drop it, or find nothing).
+    Other modules (a plugin may adapt the router) are refused unless `others_allowed`; peft checks those as it loads."""
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -134,6 +135,8 @@ def check_lora_fits(folder: Path, config: dict, modules: dict, base, base_name: 
                          layers_pattern=config.get("layers_pattern"))
     for module, (a, b) in modules.items():
         match = ATTENTION.fullmatch(module) or EXPERT.fullmatch(module)
+        if not match and others_allowed:
+            continue
         if not match:
             raise AdapterError(f"{where}: {module} is neither a Mixtral attention projection nor an expert matrix")
         if int(match[1]) >= base.num_hidden_layers or (match.re is EXPERT and int(match[2]) >= base.num_local_experts):
