@@ -110,28 +110,54 @@ def default_base() -> BaseChoice:
     import torch
 
     if os.environ.get(BASE_MODEL_ENV):
-        return choose_base(os.environ[BASE_MODEL_ENV], reason=f"set by ${BASE_MODEL_ENV}")
+        name = os.environ[BASE_MODEL_ENV]
+        return choose_base(name, reason=f"set by ${BASE_MODEL_ENV}", given_as=f"${BASE_MODEL_ENV}={name}")
     if torch.cuda.is_available():
         return choose_base("mixtral-8x7b", reason=f"a CUDA GPU is present ({torch.cuda.get_device_name(0)})")
     return choose_base(TINY, reason="no CUDA GPU: the embedded tiny Mixtral trains on the CPU; pass --base-model to change")
 
 
-def choose_base(name: str, reason: str = "chosen with --base-model") -> BaseChoice:
-    """Resolve a preset, a local folder or a hub id, checking a local folder has what loading needs."""
+def choose_base(name: str, reason: str = "chosen with --base-model", given_as: str | None = None) -> BaseChoice:
+    """Resolve a preset, a local folder or a hub id, checking a local folder has what loading needs.
+
+    `given_as`: where the name came from, for messages (default: --base-model NAME)."""
+    given_as = given_as or f"--base-model {name}"
     if name in PRESETS:
         return BaseChoice(name, PRESETS[name] or str(tiny_dir()), f"{reason} (preset)")
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):  # hub ids look like "org/name"
         if path.exists() and not path.is_dir():
-            raise BaseModelError(f"--base-model {name}: is a file; give the model's folder (config.json, *.safetensors, tokenizer), a hub id or a preset ({', '.join(PRESETS)})")
+            raise BaseModelError(f"{given_as}: is a file; give the model's folder (config.json, *.safetensors, tokenizer), a hub id or a preset ({', '.join(PRESETS)})")
         if not path.is_dir():
-            raise BaseModelError(f"--base-model {name}: no such folder; give a model folder, a hub id or a preset ({', '.join(PRESETS)})")
+            raise BaseModelError(f"{given_as}: no such folder; give a model folder, a hub id or a preset ({', '.join(PRESETS)})")
         if not (path / "config.json").is_file():
-            raise BaseModelError(f"--base-model {name}: {path / 'config.json'} is missing; the folder must hold a transformers model (config.json, *.safetensors, tokenizer)")
+            raise BaseModelError(f"{given_as}: {path / 'config.json'} is missing; the folder must hold a transformers model (config.json, *.safetensors, tokenizer)")
         if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-            raise BaseModelError(f"--base-model {name}: no tokenizer (tokenizer.json or tokenizer.model) in {path}; copy the tokenizer files of the model into it")
+            raise BaseModelError(f"{given_as}: no tokenizer (tokenizer.json or tokenizer.model) in {path}; copy the tokenizer files of the model into it")
         return BaseChoice(name, str(path.resolve()), f"{reason} (local folder)")
+    _require_hub_download(name, given_as)
     return BaseChoice(name, name, f"{reason} (hub id)")
+
+
+def _require_hub_download(repo_id: str, given_as: str) -> None:
+    """A hub id not in the local cache needs the hub: offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE), or with the
+    hub unreachable, say so at once, instead of huggingface_hub's retries and transformers' long error."""
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    fix = f"download it where the hub is reachable (hf download {repo_id}), or give a local folder or a preset ({', '.join(PRESETS)})"
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return
+    except HFValidationError:
+        raise BaseModelError(f"{given_as}: not a preset, a folder or a hub id (org/name); give one of those") from None
+    if constants.HF_HUB_OFFLINE:
+        raise BaseModelError(f"{given_as}: a hub id not in the local Hugging Face cache, and HF_HUB_OFFLINE is set; {fix}")
+    try:
+        model_info(repo_id, timeout=10)
+    except Exception as exc:  # any failure here (no network, no such repo, no access) stops before minutes of work
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BaseModelError(f"{given_as}: a hub id not in the local Hugging Face cache, and the hub cannot serve it ({reason}); {fix}") from None
 
 
 def base_config(choice: BaseChoice):
@@ -230,6 +256,8 @@ def load_tokenizer(choice: BaseChoice):
 
     if choice.name == TINY:
         ensure_tiny_mixtral()
+    elif PRESETS.get(choice.name):  # the first download a preset needs (its config ships with mtg_core)
+        _require_hub_download(choice.location, f"the preset {choice.name} ({choice.location})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(choice.location, trust_remote_code=False)
     except (OSError, ValueError) as exc:

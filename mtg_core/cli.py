@@ -10,7 +10,6 @@ import signal
 import sys
 import traceback
 from contextlib import contextmanager
-import tomllib
 from pathlib import Path
 
 import attrs
@@ -18,77 +17,11 @@ import click
 
 from mtg_core.errors import ConfigError, MtgError
 from mtg_core.listing import expert_rows, print_table, refuse_problems
+from mtg_core.options import SEED, TEXT, BaseModelName, FiniteFloat, OneLineCommand, ShellPath, count, read_config
 from mtg_core.plan import OFFLOAD_CHOICES
 from mtg_core.plugins import ALLOW_LIST_ENV, Registry
 
 log = logging.getLogger("mtg_core")
-class OneLineCommand(click.Command):
-    """click prints its usage errors (bad option values, unknown options) on four lines; ours are one line, exit 2."""
-
-    def main(self, args=None, prog_name=None, standalone_mode=True, **extra):
-        try:
-            rv = super().main(args, prog_name, standalone_mode=False, **extra)
-        except click.ClickException as exc:
-            message = exc.format_message()
-            click.echo(f"error: {message[:1].lower()}{message[1:]} (see --help)", err=True)
-            sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("aborted", err=True)
-            sys.exit(130)
-        if not standalone_mode:
-            return rv
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-
-def _config_options(command: click.Command) -> dict[str, click.Option]:
-    """Config-file keys: every long option of the command, spelt with '_' or '-' (not --config itself)."""
-    keys = {}
-    for param in command.params:
-        if isinstance(param, click.Option) and param.name != "config":
-            for opt in param.opts:
-                if opt.startswith("--"):
-                    keys[opt[2:].replace("-", "_")] = param
-    return keys
-
-
-def _config_value(param: click.Option, value, ctx: click.Context):
-    """A TOML value for `param`, checked as strictly as the command line would (no bool for a number, no float for an int)."""
-    kind = param.type
-    if param.is_flag:
-        ok, expected = isinstance(value, bool), "true or false"
-    elif isinstance(kind, click.types.IntParamType):
-        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
-    elif isinstance(kind, click.types.FloatParamType):
-        ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-    else:
-        ok, expected = isinstance(value, str), "a string"
-    if not ok:
-        raise click.BadParameter(f"{value!r} is not {expected}")
-    return kind.convert(value, param, ctx)
-
-
-def _read_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """--config FILE: a TOML table of the same options; the command line wins (click's default_map)."""
-    if value is None:
-        return None
-    try:
-        settings = tomllib.loads(Path(value).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise click.BadParameter(f"{value}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise click.BadParameter(f"{value}: not valid TOML ({exc})") from None
-    options = _config_options(ctx.command)
-    defaults = {}
-    for key, setting in settings.items():
-        option = options.get(key.replace("-", "_"))
-        if option is None:
-            raise click.BadParameter(f"{value}: unknown option {key!r}; allowed: {', '.join(sorted(options))}")
-        try:
-            defaults[option.name] = _config_value(option, setting, ctx)
-        except click.BadParameter as exc:
-            raise click.BadParameter(f"{value}: {key} = {exc.message}") from None
-    ctx.default_map = {**(ctx.default_map or {}), **defaults}
-    return value
 
 
 def _setup_logging(output_dir: Path) -> None:
@@ -109,36 +42,36 @@ def _setup_logging(output_dir: Path) -> None:
 
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--config", type=click.Path(dir_okay=False), callback=_read_config, is_eager=True, expose_value=False,
+@click.option("--config", type=ShellPath(dir_okay=False), callback=read_config, is_eager=True, expose_value=False,
               help="TOML file with any of these options (names as below, without --); the command line wins.")
-@click.option("--expert", "-e", metavar="NAME", help="Expert to train (any case): see --list.")
+@click.option("--expert", "-e", type=TEXT, metavar="NAME", help="Expert to train (any case): see --list.")
 @click.option("--all", "all_experts", is_flag=True, help="Train every installed expert in turn on one loaded base.")
 @click.option("--list", "list_experts", is_flag=True, help="List installed experts and exit.")
 @click.option("--plan", "plan_only", is_flag=True, help="Print the memory the run needs (no weights load) and exit; non-zero if it does not fit.")
 @click.option("--json", "as_json", is_flag=True, help="With --list or --plan: print JSON.")
 @click.option("--strict", is_flag=True, help="With --list: exit 2 if any row is not ok (for plugin authors' CI).")
-@click.option("--base-model", metavar="NAME", help="Preset (tiny-mixtral, mixtral-8x7b, mixtral-8x7b-instruct), folder or hub id. "
+@click.option("--base-model", type=BaseModelName(), metavar="NAME", help="Preset (tiny-mixtral, mixtral-8x7b, mixtral-8x7b-instruct), folder or hub id. "
               "Default: mixtral-8x7b with a CUDA GPU, tiny-mixtral otherwise.")
-@click.option("--data", type=click.Path(), help="JSONL file to train on instead of the expert's bundled data.")
-@click.option("--output-dir", type=click.Path(file_okay=False), default="adapters", show_default=True,
+@click.option("--data", type=ShellPath(allow_dash=True), help="JSONL file to train on instead of the expert's bundled data (- reads stdin).")
+@click.option("--output-dir", type=ShellPath(file_okay=False), default="adapters", show_default=True,
               help="Adapters go to OUTPUT_DIR/<expert>/.")
-@click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many optimizer steps.")
-@click.option("--max-samples", type=click.IntRange(min=1), help="Train on the first N examples only (a test run).")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True, max=1000), default=3.0, show_default=True)
+@click.option("--max-steps", type=count(), help="Stop after this many optimizer steps.")
+@click.option("--max-samples", type=count(), help="Train on the first N examples only (a test run).")
+@click.option("--epochs", type=FiniteFloat(min=0, min_open=True, max=1000), default=3.0, show_default=True)
 @click.option("--seq-len", type=click.IntRange(16, 32768), default=512, show_default=True, help="Token cap per example.")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=4, show_default=True)
 @click.option("--grad-accum", type=click.IntRange(1, 1024), default=4, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True, max=1.0),
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True, max=1.0),
               help="Learning rate. Default: 2e-4 (QLoRA's) for Mixtral, 2e-3 for tiny-mixtral, whose random base learns slowly.")
-@click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True)
+@click.option("--seed", type=SEED, default=42, show_default=True)
 @click.option("--quant", type=click.Choice(["nf4", "none"]), default="nf4", show_default=True,
               help="nf4: every attention and expert weight in 4-bit (QLoRA); none: the compute dtype.")
 @click.option("--offload-experts", type=click.Choice(OFFLOAD_CHOICES), default="auto", show_default=True,
               help="Keep NF4 experts of some layers in host memory and stream them to the GPU as they run: auto streams "
                    "as few layers as the memory plan needs (none on a big GPU), all streams every layer (16 GB cards).")
-@click.option("--gpu-memory", type=click.FloatRange(min=0, min_open=True), metavar="GIB",
+@click.option("--gpu-memory", type=FiniteFloat(min=0, min_open=True), metavar="GIB",
               help="GPU memory to plan for (default: what is free on the device); --offload-experts auto fits the run into it.")
-@click.option("--save-steps", type=click.IntRange(min=1), help="Checkpoint every N steps (the last 3 are kept) for --resume.")
+@click.option("--save-steps", type=count(), help="Checkpoint every N steps (the last 3 are kept) for --resume.")
 @click.option("--resume", is_flag=True, help="Continue the newest complete checkpoint of an interrupted run.")
 @click.option("--force", is_flag=True, help="With --resume: resume although settings changed; without: discard an interrupted run.")
 @click.option("--eval-after", is_flag=True, help="Verify the new adapters with mtg-eval once training ends.")
@@ -179,6 +112,8 @@ def _reported_errors(debug: bool = False):
     """
     try:
         yield
+    except BrokenPipeError:
+        raise  # stdout's reader went away (`| head`): OneLineCommand ends quietly
     except (MtgError, OSError) as exc:
         if debug:
             traceback.print_exc()
@@ -348,6 +283,11 @@ def _train_locked(registry, experts, runs, base_model, output_dir: Path, options
     runs = [plan_resume(run, options, output_dir, choice.identity, resume, force) for run in runs]
     tokenizer = load_tokenizer(choice)
     runs = [tokenize_run(run, tokenizer, options.seq_len) for run in runs]
+    if eval_after:
+        from mtg_core.evaluate import heldout_data
+
+        for run in runs:
+            heldout_data(tokenizer, registry, run.expert, options.seq_len)
     plans = _memory_plans(choice, [run.expert for run in runs], [run.lora for run in runs], options)
     base = load_base(choice, options.quant, log.info, tokenizer, streamed_layers=_most_streamed(plans))
     for done, (run, plan) in enumerate(zip(runs, plans), 1):
@@ -389,9 +329,9 @@ def _inference_streaming(registry, experts, choice, quant: str, offload: str, gp
 
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("name")
-@click.option("--description", "-d", required=True, help="One line: what the expert does.")
-@click.option("--dest", type=click.Path(file_okay=False), default=".", show_default=True, help="Folder to create it in.")
+@click.argument("name", type=TEXT)
+@click.option("--description", "-d", type=TEXT, required=True, help="One line: what the expert does.")
+@click.option("--dest", type=ShellPath(file_okay=False), default=".", show_default=True, help="Folder to create it in.")
 def new_expert_command(name, description, dest):
     """Create mtg_expert_NAME/, a new expert package to edit, test and `pip install`."""
     from mtg_core.scaffold import scaffold
@@ -471,15 +411,15 @@ def run_eval(registry: Registry, experts: list, adapters: Path, choice, base, ma
 
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--expert", "-e", metavar="NAME", help="Expert whose adapter to verify.")
+@click.option("--expert", "-e", type=TEXT, metavar="NAME", help="Expert whose adapter to verify.")
 @click.option("--all", "all_experts", is_flag=True, help="Every installed expert, with the held-out loss matrix.")
-@click.option("--base-model", metavar="NAME", help="Default: the base the adapter was trained on.")
-@click.option("--adapters", type=click.Path(file_okay=False), default="adapters", show_default=True)
+@click.option("--base-model", type=BaseModelName(), metavar="NAME", help="Default: the base the adapter was trained on.")
+@click.option("--adapters", type=ShellPath(file_okay=False), default="adapters", show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=48, show_default=True)
 @click.option("--seq-len", type=click.IntRange(16, 32768), default=512, show_default=True)
 @click.option("--quant", type=click.Choice(["nf4", "none"]), default="nf4", show_default=True)
 @click.option("--offload-experts", type=click.Choice(OFFLOAD_CHOICES), default="auto", show_default=True, help="As for mtg-train.")
-@click.option("--gpu-memory", type=click.FloatRange(min=0, min_open=True), metavar="GIB", help="As for mtg-train.")
+@click.option("--gpu-memory", type=FiniteFloat(min=0, min_open=True), metavar="GIB", help="As for mtg-train.")
 @click.option("--no-fail", is_flag=True, help="Report only: exit 0 even when an adapter does not lower its held-out loss.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def eval_command(expert, all_experts, base_model, adapters, max_new_tokens, seq_len, quant, offload_experts, gpu_memory, no_fail, debug):
@@ -490,26 +430,29 @@ def eval_command(expert, all_experts, base_model, adapters, max_new_tokens, seq_
         adapters = Path(adapters)
         _recover(adapters, experts)
         choice = _base_for(adapters, experts, base_model)
-        from mtg_core.base_models import load_base
-        from mtg_core.evaluate import check_adapter
+        from mtg_core.base_models import load_base, load_tokenizer
+        from mtg_core.evaluate import check_adapter, heldout_data
 
         for e in experts:  # before the base loads
             check_adapter(adapters, e.name, choice)
+        tokenizer = load_tokenizer(choice)
+        for e in experts:
+            heldout_data(tokenizer, registry, e, seq_len)
         streamed = _inference_streaming(registry, experts, choice, quant, offload_experts, gpu_memory)
-        base = load_base(choice, quant, lambda line: click.echo(line, err=True), streamed_layers=streamed)
+        base = load_base(choice, quant, lambda line: click.echo(line, err=True), tokenizer, streamed_layers=streamed)
         run_eval(registry, experts, adapters, choice, base, max_new_tokens, seq_len, no_fail)
 
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("question", required=False)
-@click.option("--expert", "-e", metavar="NAME", help="Expert to answer with (in --interactive: the first one).")
+@click.argument("question", type=TEXT, required=False)
+@click.option("--expert", "-e", type=TEXT, metavar="NAME", help="Expert to answer with (in --interactive: the first one).")
 @click.option("--interactive", "-i", is_flag=True, help="Ask many questions; '/expert NAME' switches expert, '/quit' ends.")
-@click.option("--base-model", metavar="NAME", help="Default: the base the adapters were trained on.")
-@click.option("--adapters", type=click.Path(file_okay=False), default="adapters", show_default=True)
+@click.option("--base-model", type=BaseModelName(), metavar="NAME", help="Default: the base the adapters were trained on.")
+@click.option("--adapters", type=ShellPath(file_okay=False), default="adapters", show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=200, show_default=True)
 @click.option("--quant", type=click.Choice(["nf4", "none"]), default="nf4", show_default=True)
 @click.option("--offload-experts", type=click.Choice(OFFLOAD_CHOICES), default="auto", show_default=True, help="As for mtg-train.")
-@click.option("--gpu-memory", type=click.FloatRange(min=0, min_open=True), metavar="GIB", help="As for mtg-train.")
+@click.option("--gpu-memory", type=FiniteFloat(min=0, min_open=True), metavar="GIB", help="As for mtg-train.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def ask_command(question, expert, interactive, base_model, adapters, max_new_tokens, quant, offload_experts, gpu_memory, debug):
     """Answer an MTG question with a trained expert; --interactive keeps every adapter on one loaded base."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -16,6 +17,7 @@ RECORD_KEYS = ("input", "output")
 EXAMPLE = '{"input": "question ...", "output": "answer ..."}'
 IGNORE_INDEX = -100  # label value that transformers' loss skips
 MAX_UNTRAINED_FRACTION = 0.10
+STDIN = "-"
 
 
 def _line_of(raw: bytes, offset: int) -> int:
@@ -32,20 +34,24 @@ class JsonlFile:
 
 
 def read_jsonl(path: Path | str) -> JsonlFile:
-    """Read a JSON Lines file of {"input", "output"} string records, once (a pipe or FIFO can only be read once).
+    """Read a JSON Lines file of {"input", "output"} string records, once (a pipe or FIFO can only be read once;
+    "-" reads stdin).
 
     Accepts what a user would call valid (UTF-8 BOM, CRLF, blank lines, extra keys); anything else
     raises DataError naming the file, the line and the fix.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file; give a JSON Lines file with one {EXAMPLE} per line")
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder; give the .jsonl file inside it")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from None
+    if str(path) == STDIN:
+        path, raw = Path("<stdin>"), sys.stdin.buffer.read()
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise DataError(f"{path}: no such file; give a JSON Lines file with one {EXAMPLE} per line")
+        if path.is_dir():
+            raise DataError(f"{path}: is a folder; give the .jsonl file inside it")
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from None
     if b"\x00" in raw:
         nul = raw.index(b"\x00")
         raise DataError(
@@ -81,6 +87,8 @@ def _record(path: Path, number: int, line: str) -> dict[str, str]:
         raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); each line must be one {EXAMPLE}") from None
     except RecursionError:
         raise DataError(f"{where}: JSON nested too deeply; each line must be one {EXAMPLE}") from None
+    except ValueError as exc:  # Python refuses integers of more than sys.get_int_max_str_digits() digits
+        raise DataError(f"{where}: a number too long to read ({exc}); quote it as a string or remove it") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: is a JSON {type(obj).__name__}, not an object; each line must be one {EXAMPLE}")
     for key in RECORD_KEYS:
@@ -90,6 +98,11 @@ def _record(path: Path, number: int, line: str) -> dict[str, str]:
             raise DataError(f"{where}: {key!r} is a {type(obj[key]).__name__}, not a string; quote it")
         if not obj[key].strip():
             raise DataError(f"{where}: {key!r} is empty; write the text or delete the line")
+        try:
+            obj[key].encode("utf-8")
+        except UnicodeEncodeError as exc:  # valid JSON ("\\ud800") but not text: no tokenizer takes it
+            raise DataError(f"{where}: {key!r} holds a lone surrogate ({ascii(obj[key][exc.start])} at character {exc.start + 1}), "
+                            "which is not text; fix or remove that escape") from None
     return {key: obj[key] for key in RECORD_KEYS}
 
 
@@ -101,6 +114,7 @@ class TokenizedData:
     truncated: int
     trained_tokens: int
     untrained_rows: list[int]  # indices of the examples left with no answer tokens
+    shortest_seq_len: int  # the --seq-len that leaves every example an answer token (a lower bound for prompts cut at `cap`)
 
     @property
     def untrained(self) -> int:
@@ -120,19 +134,20 @@ def tokenize(examples: Iterable[FormattedExample], tokenizer, seq_len: int) -> T
     tokens identical: no token spans more than `max_token_chars` characters.)
     """
     cap = (seq_len + 8) * max_token_chars(tokenizer)
-    rows, truncated, trained, untrained_rows = [], 0, 0, []
+    rows, truncated, trained, untrained_rows, shortest = [], 0, 0, [], 0
     for index, example in enumerate(examples):
         prompt = tokenizer(example.prompt[:cap], add_special_tokens=True)["input_ids"]
         completion = tokenizer(" " + example.completion[:cap], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         input_ids = (prompt + completion)[:seq_len]
         labels = ([IGNORE_INDEX] * len(prompt) + completion)[:seq_len]
+        shortest = max(shortest, len(prompt) + 1)
         truncated += len(prompt) + len(completion) > seq_len
         n_trained = sum(label != IGNORE_INDEX for label in labels)
         if n_trained == 0:
             untrained_rows.append(index)
         trained += n_trained
         rows.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
-    return TokenizedData(rows, truncated, trained, untrained_rows)
+    return TokenizedData(rows, truncated, trained, untrained_rows, shortest)
 
 
 def describe_lines(numbers: list[int], limit: int = 5) -> str:
@@ -145,7 +160,7 @@ def check_trainable(data: TokenizedData, seq_len: int, source: str, lines: list[
         where = describe_lines([lines[i] for i in data.untrained_rows])
         raise DataError(
             f"{source}: {data.untrained} of {len(data.rows)} examples ({where}) have no answer tokens left after "
-            f"truncation to --seq-len {seq_len}; raise --seq-len or shorten the prompts"
+            f"truncation to --seq-len {seq_len}; --seq-len {data.shortest_seq_len} or more keeps every example (or shorten the prompts)"
         )
 
 

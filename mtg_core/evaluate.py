@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
-from mtg_core.data import read_records, tokenize
+from mtg_core.data import TokenizedData, check_trainable, read_jsonl, tokenize
 from mtg_core.errors import MtgError
 from mtg_core.plugins import Expert, Registry
+
+
+LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+ATTENTION = re.compile(r"model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)")
+EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(w1|w2|w3)")
+MIXTRAL_TYPES = ("mixtral", "mtg_mixtral")
 
 
 class AdapterError(MtgError):
@@ -58,7 +65,7 @@ def recorded_base(folder: Path):
         name = recorded["name"] if recorded["name"] == TINY or recorded["name"] in PRESETS else recorded.get("id", recorded["location"])
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         raise AdapterError(f"{meta}: unreadable (not mtg-train's record of the base); retrain the adapter, or pass --base-model") from None
-    return choose_base(name, reason=f"the base {meta} names")
+    return choose_base(name, reason=f"the base {meta} names", given_as=f"{meta}: base_model {name}")
 
 
 def check_adapter(adapters: Path, expert: str, choice) -> Path:
@@ -77,7 +84,71 @@ def check_adapter(adapters: Path, expert: str, choice) -> Path:
     if recorded and choice.fingerprint and recorded != choice.fingerprint:
         raise AdapterError(f"{folder} was trained on another build of {choice.name} (recipe {recorded}, this one {choice.fingerprint}); "
                            f"retrain it with: mtg-train --expert {expert} --output-dir {adapters}")
+    from mtg_core.base_models import base_config
+
+    base = base_config(choice)
+    if base.model_type in MIXTRAL_TYPES:  # the layout whose shapes are known without the weights
+        check_lora_fits(folder, config, lora_modules(folder), base, choice.name, others_allowed=True)
     return folder
+
+
+def lora_modules(folder: Path) -> dict:
+    """The adapter's LoRA matrices: peft module name -> (lora_A [r, in], lora_B [out, r])."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = folder / "adapter_model.safetensors"
+    if not path.is_file():
+        raise AdapterError(f"{path} is missing; retrain the adapter")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise AdapterError(f"{path}: not a readable safetensors file ({exc}); retrain the adapter") from None
+    if not tensors:
+        raise AdapterError(f"{path} holds no LoRA weights; retrain the adapter")
+    pairs: dict[str, dict] = {}
+    for key, tensor in tensors.items():
+        match = LORA_KEY.fullmatch(key)
+        if not match:
+            raise AdapterError(f"{path}: tensor {key} is not a LoRA A/B weight; only plain LoRA adapters are read")
+        pairs.setdefault(match[1], {})[match[2]] = tensor
+    for module, pair in pairs.items():
+        if len(pair) != 2:
+            raise AdapterError(f"{path}: {module} has lora_{''.join(pair)} but not its partner; retrain the adapter")
+    return {module: (pair["A"], pair["B"]) for module, pair in sorted(pairs.items())}
+
+
+def check_lora_fits(folder: Path, config: dict, modules: dict, base, base_name: str, others_allowed: bool = False) -> None:
+    """Every LoRA matrix of a Mixtral attention projection or expert matrix fits `base` (its transformers config) at the
+    adapter's rank, and adapter_config.json's target_modules selects it (peft would otherwise drop it, or find nothing).
+    Other modules (a plugin may adapt the router) are refused unless `others_allowed`; peft checks those as it loads."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    r = config["r"]
+    head_dim = getattr(base, "head_dim", None) or base.hidden_size // base.num_attention_heads
+    q, kv, hidden, ffn = base.num_attention_heads * head_dim, base.num_key_value_heads * head_dim, base.hidden_size, base.intermediate_size
+    shapes = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
+              "w1": (ffn, hidden), "w3": (ffn, hidden), "w2": (hidden, ffn)}
+    where = folder / "adapter_model.safetensors"
+    selects = LoraConfig(target_modules=config["target_modules"], layers_to_transform=config.get("layers_to_transform"),
+                         layers_pattern=config.get("layers_pattern"))
+    for module, (a, b) in modules.items():
+        match = ATTENTION.fullmatch(module) or EXPERT.fullmatch(module)
+        if not match and others_allowed:
+            continue
+        if not match:
+            raise AdapterError(f"{where}: {module} is neither a Mixtral attention projection nor an expert matrix")
+        if int(match[1]) >= base.num_hidden_layers or (match.re is EXPERT and int(match[2]) >= base.num_local_experts):
+            raise AdapterError(f"{where}: {module} does not exist in {base_name} ({base.num_hidden_layers} layers, "
+                               f"{base.num_local_experts} experts); pass the --base-model it was trained on")
+        out, inp = shapes[match.groups()[-1]]
+        if tuple(a.shape) != (r, inp) or tuple(b.shape) != (out, r):
+            raise AdapterError(f"{where}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; rank {r} on "
+                               f"{base_name} needs ({r}, {inp}) and ({out}, {r}); pass the --base-model it was trained on")
+        if not check_target_module_exists(selects, module):
+            raise AdapterError(f"{folder / 'adapter_config.json'}: target_modules {config['target_modules']!r} does not select "
+                               f"{module}, whose LoRA weights the adapter holds; retrain the adapter")
 
 
 def attach_adapters(base_model, folders: dict[str, Path]):
@@ -97,12 +168,21 @@ def prompt_for(registry: Registry, expert: Expert, question: str) -> str:
     return registry.format_example(expert, {"input": question, "output": ""}).prompt
 
 
+def heldout_data(tokenizer, registry: Registry, expert: Expert, seq_len: int) -> TokenizedData:
+    """`expert`'s held-out set, formatted and masked exactly as in training, refused as training refuses data that
+    `seq_len` leaves without answer tokens (its loss would be NaN). Cheap: run it before the base loads."""
+    path = registry.data_files(expert).heldout
+    heldout = read_jsonl(path)
+    data = tokenize([registry.format_example(expert, r) for r in heldout.records], tokenizer, seq_len)
+    check_trainable(data, seq_len, str(path), heldout.lines)
+    return data
+
+
 def heldout_batch(tokenizer, registry: Registry, expert: Expert, seq_len: int) -> dict:
-    """`expert`'s held-out set, formatted and masked exactly as in training, as one padded batch."""
+    """`expert`'s held-out set as one padded batch."""
     from transformers import DataCollatorForSeq2Seq
 
-    records = read_records(registry.data_files(expert).heldout)
-    data = tokenize([registry.format_example(expert, r) for r in records], tokenizer, seq_len)
+    data = heldout_data(tokenizer, registry, expert, seq_len)
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)(data.rows)
 
 

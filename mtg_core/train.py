@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import shlex
@@ -258,6 +259,24 @@ def _trainer_classes():
                     logs["memory/cuda_device_used_gib"] = round(self.device_peak.sample() / 1024**3, 4)
             super().log(logs, start_time)
 
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            # transformers' warmup gives the first step learning rate 0, so a --max-steps 1 run installed the untrained
+            # adapter: the same linear warmup and cosine decay, taken one step on, so that every step learns.
+            if self.lr_scheduler is None:
+                from torch.optim.lr_scheduler import LambdaLR
+
+                warmup = self.args.get_warmup_steps(num_training_steps)
+
+                def factor(step: int) -> float:
+                    step += 1
+                    if step < warmup:
+                        return step / warmup
+                    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, num_training_steps + 1 - warmup)))
+
+                self.lr_scheduler = LambdaLR(optimizer or self.optimizer, factor)
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
     class LogLines(TrainerCallback):
         """Each logging step as one line of training_log.txt and the console."""
 
@@ -412,7 +431,7 @@ def train_expert(base, registry: Registry, run: PreparedRun, plan, options: Trai
             raise TrainingInterrupted(
                 STOP.signum,
                 f"stopped by {signal.Signals(STOP.signum).name} at step {trainer.state.global_step}; checkpoint in "
-                f"{checkpoint}; continue with: {' '.join(map(shlex.quote, ['mtg-train', *sys.argv[1:], *(['--resume'] if '--resume' not in sys.argv else [])]))}",
+                f"{checkpoint}; continue with: {continue_command()}",
             )
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         if not main_process:
@@ -490,6 +509,12 @@ def train_expert(base, registry: Registry, run: PreparedRun, plan, options: Trai
         if main_process and not kept and (finished or not any((c / "trainer_state.json").is_file() for c in checkpoints(work))):
             shutil.rmtree(work, ignore_errors=True)
         base.model = model.unload()  # the next expert of --all starts from the same, untouched base
+
+
+def continue_command() -> str:
+    """This command with --resume, and without --force: beside --resume it would skip resume's checks."""
+    args = [arg for arg in sys.argv[1:] if arg != "--force"]
+    return shlex.join(["mtg-train", *args, *([] if "--resume" in args else ["--resume"])])
 
 
 @contextmanager

@@ -33,6 +33,8 @@ GOOD = '{"input": "q", "output": "a"}'
         (GOOD.encode() + b"\n" + GOOD.encode("utf-16"), r"data.jsonl:2: contains NUL bytes"),
         ("[" * 100000, r"data.jsonl:1: starts a JSON array"),
         ('{"input": ' * 100000, r"data.jsonl:1: (invalid JSON|JSON nested too deeply)"),
+        (GOOD + '\n{"input": "q\\ud800", "output": "a"}\n', r"data.jsonl:2: 'input' holds a lone surrogate \('\\ud800' at character 2\)"),
+        ('{"input": "q", "output": "a", "id": ' + "9" * 5000 + "}\n", r"data.jsonl:1: a number too long to read .*; quote it as a string"),
     ],
 )
 def test_malformed_files_name_file_line_and_fix(tmp_path, content, message):

@@ -341,7 +341,7 @@ def big_rank_adapter(tmp_path):
         ("half_stack", ["--expert", "bad", "--format", "gguf"], "no LoRA for model.layers.1.mlp.experts.0.w2; llama.cpp stacks the experts"),
         ("quantised_config", ["--expert", "explain", "--format", "merged", "--base-model", "{base}"], "the base is quantised (bitsandbytes); merged export needs the original 16- or 32-bit checkpoint"),
         ("quantised_tensor", ["--expert", "explain", "--format", "merged", "--base-model", "{base}"], "model.layers.0.block_sparse_moe.experts.0.w1.weight is stored as U8; merged export needs the original"),
-        ("uncached", ["--expert", "explain", "--format", "merged", "--base-model", "acme/not-cached"], "cannot read the config of 'acme/not-cached'"),
+        ("uncached", ["--expert", "explain", "--format", "merged", "--base-model", "acme/not-cached"], "--base-model acme/not-cached: a hub id not in the local Hugging Face cache"),
         ("wrong_base", ["--expert", "explain", "--format", "gguf", "--base-model", "mixtral-8x7b"], "rank 16 on mixtral-8x7b needs (16, 4096) and (14336, 16); pass the --base-model it was trained on"),
         ("unwritable", ["--expert", "explain", "--format", "vllm", "--out", "{file}/out"], "cannot write there (Not a directory); choose a writable folder"),
         ("not_an_export", ["--expert", "explain", "--format", "gguf", "--out", "{user}"], "/explain exists and is not an mtg-export folder (no export.json); remove it or choose another --out"),

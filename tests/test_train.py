@@ -141,7 +141,7 @@ def test_examples_without_answer_tokens_are_refused(tmp_path):
         ("./no/such/folder", "no such folder"),
         ("{empty}", "config.json is missing"),
         ("{config_only}", "no tokenizer (tokenizer.json or tokenizer.model)"),
-        ("acme/not-a-real-model", "cannot load base model 'acme/not-a-real-model'"),
+        ("acme/not-a-real-model", "--base-model acme/not-a-real-model: a hub id not in the local Hugging Face cache"),
     ],
 )
 def test_unloadable_base_models_are_one_clear_error(tmp_path, base, message):

@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import click
 
-from mtg_core.cli import OneLineCommand
+from mtg_core.options import OneLineCommand
 
 GIB = 1024**3
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from mtg_core.cli import OneLineCommand, _reported_errors
+from mtg_core.cli import _reported_errors
 from mtg_core.export.adapter import (ATTENTION, EXPERT, EXPERT_MATRICES, HUB_BLOCK, LORA_KEY, PLAIN_LORA, TRAINED_BLOCK,
                                      Adapter, ExportError, adapter_names, load_adapter)
 from mtg_core.export.gguf import check_gguf, gguf_command, gguf_tensors, write_gguf
@@ -27,6 +27,7 @@ from mtg_core.export.merged import (FULL_PRECISION, SERVING_FILES, check_merged,
                                     write_merged)
 from mtg_core.export.vllm import VLLM_MAX_LORA_RANKS, check_vllm, vllm_command, write_vllm
 from mtg_core.export.writing import DTYPES, MARKER, prepare_out, write_export
+from mtg_core.options import TEXT, BaseModelName, OneLineCommand, ShellPath
 
 __all__ = ["ATTENTION", "DTYPES", "EXPERT", "EXPERT_MATRICES", "FORMATS", "FULL_PRECISION", "HUB_BLOCK", "LORA_KEY",
            "MARKER", "PLAIN_LORA", "SERVING_FILES", "TRAINED_BLOCK", "VLLM_MAX_LORA_RANKS", "Adapter", "ExportError",
@@ -85,13 +86,13 @@ def _print_serving(fmt: str, adapters: list[Adapter], targets: list[Path]) -> No
 
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--expert", "-e", metavar="NAME", help="The adapter in ADAPTERS/NAME/ to export.")
+@click.option("--expert", "-e", type=TEXT, metavar="NAME", help="The adapter in ADAPTERS/NAME/ to export.")
 @click.option("--all", "all_experts", is_flag=True, help="Every adapter in ADAPTERS (vllm: one multi-LoRA server command).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
               help="vllm: peft adapter named for vLLM's Mixtral; gguf: llama.cpp LoRA adapter; merged: the base with the adapter merged in.")
-@click.option("--adapters", type=click.Path(file_okay=False), default="adapters", show_default=True, help="Where mtg-train wrote the adapters.")
-@click.option("--base-model", metavar="NAME", help="Default: the base the adapter was trained on (its training_meta.json).")
-@click.option("--out", type=click.Path(), help="Exports go to OUT/<expert>/. Default: exports/<format>.")
+@click.option("--adapters", type=ShellPath(file_okay=False), default="adapters", show_default=True, help="Where mtg-train wrote the adapters.")
+@click.option("--base-model", type=BaseModelName(), metavar="NAME", help="Default: the base the adapter was trained on (its training_meta.json).")
+@click.option("--out", type=ShellPath(), help="Exports go to OUT/<expert>/. Default: exports/<format>.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)),
               help="Cast the exported weights. Default: unchanged (adapters as trained, fp32; merged: the base's own dtype).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")

@@ -4,19 +4,16 @@ Mixtral base. Every export format starts from it."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import attrs
 
 from mtg_core.errors import MtgError
+from mtg_core.evaluate import ATTENTION, EXPERT, LORA_KEY, MIXTRAL_TYPES, check_lora_fits, lora_modules
 from mtg_core.experts import EXPERT_NAME
 
 TRAINED_BLOCK, HUB_BLOCK = ".mlp.experts.", ".block_sparse_moe.experts."
 EXPERT_MATRICES = ("w1", "w2", "w3")
-LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
-ATTENTION = re.compile(r"model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)")
-EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(w1|w2|w3)")
 # adapter_config.json settings that change what the A/B matrices mean (DoRA magnitudes, rsLoRA scaling,
 # per-module ranks or alphas, biases, fully trained extra modules): no export format can carry them.
 PLAIN_LORA = {"peft_type": "LORA", "use_dora": False, "use_rslora": False, "modules_to_save": None, "rank_pattern": {},
@@ -87,11 +84,11 @@ def load_adapter(adapters: Path, name: str, base_model: str | None) -> Adapter:
                               f"({key} {plain!r}), as mtg-train writes them")
     choice = _base_choice(folder, config, base_model)
     base = base_config(choice)
-    if base.model_type not in ("mixtral", "mtg_mixtral"):
+    if base.model_type not in MIXTRAL_TYPES:
         raise ExportError(f"{choice.name} is a {base.model_type!r} model; mtg-export converts adapters of Mixtral models")
-    adapter = Adapter(name, folder, config, choice, base, _read_modules(folder / "adapter_model.safetensors"))
-    _check_shapes(adapter)
-    return adapter
+    modules = lora_modules(folder)
+    check_lora_fits(folder, config, modules, base, choice.name)
+    return Adapter(name, folder, config, choice, base, modules)
 
 
 def _base_choice(folder: Path, config: dict, base_model: str | None):
@@ -105,53 +102,9 @@ def _base_choice(folder: Path, config: dict, base_model: str | None):
     if recorded is not None:
         return recorded
     if config.get("base_model_name_or_path"):
-        return choose_base(config["base_model_name_or_path"], reason="adapter_config.json's base_model_name_or_path")
+        return choose_base(config["base_model_name_or_path"], reason="adapter_config.json's base_model_name_or_path",
+                           given_as=f"{folder / 'adapter_config.json'}: base_model_name_or_path {config['base_model_name_or_path']}")
     raise ExportError(f"{folder}: neither training_meta.json nor adapter_config.json names the base model; pass --base-model")
-
-
-def _read_modules(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise ExportError(f"{path} is missing; retrain the adapter")
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError) as exc:
-        raise ExportError(f"{path}: not a readable safetensors file ({exc}); retrain the adapter") from None
-    if not tensors:
-        raise ExportError(f"{path} holds no LoRA weights; retrain the adapter")
-    pairs: dict[str, dict] = {}
-    for key, tensor in tensors.items():
-        match = LORA_KEY.fullmatch(key)
-        if not match:
-            raise ExportError(f"{path}: tensor {key} is not a LoRA A/B weight; mtg-export converts plain LoRA adapters")
-        pairs.setdefault(match[1], {})[match[2]] = tensor
-    for module, pair in pairs.items():
-        if len(pair) != 2:
-            raise ExportError(f"{path}: {module} has lora_{''.join(pair)} but not its partner; retrain the adapter")
-    return {module: (pair["A"], pair["B"]) for module, pair in sorted(pairs.items())}
-
-
-def _check_shapes(adapter: Adapter) -> None:
-    """Every module is a Mixtral attention projection or expert matrix of the base, at the adapter's one rank."""
-    base, r = adapter.base, adapter.rank
-    head_dim = getattr(base, "head_dim", None) or base.hidden_size // base.num_attention_heads
-    q, kv, hidden, ffn = base.num_attention_heads * head_dim, base.num_key_value_heads * head_dim, base.hidden_size, base.intermediate_size
-    shapes = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
-              "w1": (ffn, hidden), "w3": (ffn, hidden), "w2": (hidden, ffn)}
-    where = adapter.folder / "adapter_model.safetensors"
-    for module, (a, b) in adapter.modules.items():
-        match = ATTENTION.fullmatch(module) or EXPERT.fullmatch(module)
-        if not match:
-            raise ExportError(f"{where}: {module} is neither a Mixtral attention projection nor an expert matrix")
-        if int(match[1]) >= base.num_hidden_layers or (match.re is EXPERT and int(match[2]) >= base.num_local_experts):
-            raise ExportError(f"{where}: {module} does not exist in {adapter.choice.name} ({base.num_hidden_layers} layers, "
-                              f"{base.num_local_experts} experts); pass the --base-model it was trained on")
-        out, inp = shapes[match.groups()[-1]]
-        if tuple(a.shape) != (r, inp) or tuple(b.shape) != (out, r):
-            raise ExportError(f"{where}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; rank {r} on "
-                              f"{adapter.choice.name} needs ({r}, {inp}) and ({out}, {r}); pass the --base-model it was trained on")
 
 
 def _first_missing_expert(adapter: Adapter, whole_triplets: bool) -> str | None:
