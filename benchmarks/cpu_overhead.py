@@ -145,7 +145,7 @@ def main() -> None:
     base = str(ensure_tiny_mixtral())
     runs = {side: tuple([] for _ in MEASURES) for side in SIDES}
     with tempfile.TemporaryDirectory() as scratch:
-        os.environ["PYTHONPATH"] = twin_expert(scratch)
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [twin_expert(scratch), os.environ.get("PYTHONPATH")]))
         os.environ["MTG_PLUGINS"] = "explain,explain0"
         if options.threads:
             os.environ["OMP_NUM_THREADS"] = str(options.threads)

@@ -1,0 +1,59 @@
+"""LoRA dropout on the CPU from a quarter of the random numbers torch's dropout draws.
+
+torch's CPU dropout fills a float tensor with Bernoulli draws, each from a double that costs two 32-bit
+words of the serial mt19937 generator, then scales it in a second pass: with LoRA dropout on the tiny
+base this was a quarter of a training step (issue 23, docs/performance.md). Here each element's keep
+or drop is read from 16 random bits, four elements per 64-bit draw (half a generator word each), and
+the mask is applied in one multiplication. What peft's dropout means is kept: every LoRA module's input
+gets its own mask, independent per element and per call, scaled by 1 / (1 - p), and a checkpointed
+layer's recompute draws the same masks (torch saves and restores the CPU generator for it, as for its
+own dropout). The one difference: the drop probability is p rounded to a multiple of 1/65536 (0.1 ->
+0.1000061). On a GPU torch's fused dropout is already cheap, and runs as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+LANES = 4  # int16 lanes per int64 draw
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """A bool tensor of `shape`, each element True (kept) with probability 1 - p (p rounded to 1/65536)."""
+    count = shape.numel()
+    draws = torch.empty(-(-count // LANES), dtype=torch.int64, device=device).random_(-2**63, None)  # all 64 bits random
+    lanes = draws.view(torch.int16)[:count].view(shape)
+    return lanes >= round(p * 65536) - 32768  # lanes are uniform on [-32768, 32767]
+
+
+def dropped(x: torch.Tensor, p: float) -> torch.Tensor:
+    """x with each element zeroed with probability p, without the 1 / (1 - p) scaling (the caller folds it in)."""
+    return x * keep_mask(x.shape, p, x.device)
+
+
+class LoraDropout(nn.Dropout):
+    """nn.Dropout whose CPU training path draws its mask from 16 bits per element (see the module's docstring)."""
+
+    def masks(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the 16-bit path (else nn.Dropout's own)."""
+        return self.training and x.device.type == "cpu" and 0 < self.p < 1 and not self.inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.masks(x):
+            return super().forward(x)
+        return dropped(x, self.p).mul_(1 / (1 - self.p))
+
+
+def use_lora_dropout(model: nn.Module) -> int:
+    """Swap peft's nn.Dropout in every LoRA layer of `model` for LoraDropout (same p); returns how many."""
+    swapped = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, nn.ModuleDict):
+            continue
+        for adapter, dropout in dropouts.items():
+            if type(dropout) is nn.Dropout:
+                dropouts[adapter] = LoraDropout(dropout.p)
+                swapped += 1
+    return swapped
