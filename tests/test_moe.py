@@ -368,14 +368,15 @@ def test_lora_dropout_masks_drop_each_element_alone_with_probability_p():
     """16 bits per element, four elements per 64-bit draw: every lane drops at rate p, and neighbours (which
     share a draw) drop independently of each other."""
     p, count = 0.1, 1 << 22
-    kept = dropout.keep_mask(torch.Size([count]), p, torch.device("cpu"))
+    kept = dropout.keep_mask(torch.Size([count]), p, torch.float32, torch.device("cpu")).bool()
+    assert kept.numel() == count
     dropped_ = ~kept.view(-1, 4)
     sigma = (p * (1 - p) / (count / 4)) ** 0.5
     assert all(abs(rate - p) < 5 * sigma for rate in dropped_.float().mean(0).tolist())  # each lane of a draw
     both = (dropped_[:, :-1] & dropped_[:, 1:]).float().mean().item()  # neighbours in one draw
     assert abs(both - p * p) < 5 * (p * p / (count / 4 * 3)) ** 0.5
     assert abs((~kept[1:] & ~kept[:-1]).float().mean().item() - p * p) < 0.002  # neighbours anywhere
-    assert not torch.equal(kept, dropout.keep_mask(torch.Size([count]), p, torch.device("cpu")))  # a new mask per call
+    assert not torch.equal(kept, dropout.keep_mask(torch.Size([count]), p, torch.float32, torch.device("cpu")).bool())  # new per call
 
 
 def test_lora_dropout_has_torch_dropouts_mean_spread_and_gradient():
@@ -403,7 +404,7 @@ def test_use_lora_dropout_swaps_every_lora_dropout_of_the_model():
 def test_grouped_lora_folds_the_dropout_scale_into_its_weights(monkeypatch):
     """The grouped path multiplies 1 / (1 - p) into the stacked A instead of every input row: with a deterministic
     mask (keep values away from 0) it equals the per-expert reference, whose modules scale the input."""
-    monkeypatch.setattr(dropout, "keep_mask", lambda shape, p, device: None)  # the paths must use `dropped`
+    monkeypatch.setattr(dropout, "keep_mask", lambda shape, p, dtype, device: None)  # the paths must use `dropped`
     deterministic = lambda x, p: x * (x.abs() > 0.05)
     monkeypatch.setattr(dropout, "dropped", deterministic)
     monkeypatch.setattr(grouped, "dropped", deterministic)

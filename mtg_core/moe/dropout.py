@@ -19,17 +19,18 @@ from torch import nn
 LANES = 4  # int16 lanes per int64 draw
 
 
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """A bool tensor of `shape`, each element True (kept) with probability 1 - p (p rounded to 1/65536)."""
+def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of `shape` and `dtype`, each element 1 (kept) with probability 1 - p (p rounded to 1/65536), else 0."""
     count = shape.numel()
     draws = torch.empty(-(-count // LANES), dtype=torch.int64, device=device).random_(-2**63, None)  # all 64 bits random
-    lanes = draws.view(torch.int16)[:count].view(shape)
-    return lanes >= round(p * 65536) - 32768  # lanes are uniform on [-32768, 32767]
+    lanes = draws.view(torch.int16)[:count].view(shape)  # uniform on [-32768, 32767]
+    # Written straight into x's dtype: a bool mask costs a conversion inside the multiplication (4x slower on the CPU)
+    return torch.ge(lanes, round(p * 65536) - 32768, out=torch.empty(shape, dtype=dtype, device=device))
 
 
 def dropped(x: torch.Tensor, p: float) -> torch.Tensor:
     """x with each element zeroed with probability p, without the 1 / (1 - p) scaling (the caller folds it in)."""
-    return x * keep_mask(x.shape, p, x.device)
+    return x * keep_mask(x.shape, p, x.dtype, x.device)
 
 
 class LoraDropout(nn.Dropout):
