@@ -1,14 +1,14 @@
-"""LoRA dropout on the CPU from a quarter of the random numbers torch's dropout draws.
+"""LoRA dropout on the CPU from 16 random bits per element instead of a Bernoulli sample each.
 
-torch's CPU dropout fills a float tensor with Bernoulli draws, each from a double that costs two 32-bit
-words of the serial mt19937 generator, then scales it in a second pass: with LoRA dropout on the tiny
-base this was a quarter of a training step (issue 23, docs/performance.md). Here each element's keep
-or drop is read from 16 random bits, four elements per 64-bit draw (half a generator word each), and
-the mask is applied in one multiplication. What peft's dropout means is kept: every LoRA module's input
-gets its own mask, independent per element and per call, scaled by 1 / (1 - p), and a checkpointed
-layer's recompute draws the same masks (torch saves and restores the CPU generator for it, as for its
-own dropout). The one difference: the drop probability is p rounded to a multiple of 1/65536 (0.1 ->
-0.1000061). On a GPU torch's fused dropout is already cheap, and runs as it is.
+torch's CPU dropout draws one Bernoulli sample per element (`bernoulli_`, on one thread, ~6 ns an
+element here), then divides and multiplies: with LoRA dropout on the tiny base that was a quarter of a
+micro-batch's forward and backward (issue 23, docs/performance.md). Here each element's keep or drop
+is read from 16 random bits, four elements per 64-bit draw, compared straight into a mask of the
+input's dtype. What peft's dropout means is kept: every LoRA module's input gets its own mask,
+independent per element and per call, scaled by 1 / (1 - p), and a checkpointed layer's recompute
+draws the same masks (torch saves and restores the CPU generator for it, as for its own dropout). The
+one difference: the drop probability is p rounded to a multiple of 1/65536 (0.1 -> 0.1000061). On a
+GPU torch's fused dropout is already cheap, and runs as it is.
 """
 
 from __future__ import annotations

@@ -256,7 +256,7 @@ def lora_terms(x: torch.Tensor, ends: torch.Tensor, kinds, adapter: str) -> list
     peft's per-expert A [r, in] and B [out, r] weights (the trainable parameters it saves) are stacked
     per layer, A [E, in, r] and B [E, r, out]; gradients flow back to them through the stack. Dropout
     is peft's module of each kind, applied to the sorted rows: each (token, expert, matrix) gets its own
-    mask, as in peft's per-expert modules. The ranks are padded with zeros to torch._grouped_mm's 16-byte
+    mask, as in peft's per-expert modules (LoraDropout's 1 / (1 - p) goes on the stacked A). The ranks are padded with zeros to torch._grouped_mm's 16-byte
     alignment. LoRA runs in the compute dtype (peft would upcast the input to the fp32 LoRA weights).
     """
     experts, rank = len(kinds[0]), kinds[0][0].r[adapter]
