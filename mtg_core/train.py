@@ -328,6 +328,8 @@ def train_expert(base, registry: Registry, run: PreparedRun, plan, options: Trai
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, ProgressCallback, TrainingArguments
 
+    from mtg_core.moe.dropout import use_lora_dropout
+
     expert, data = run.expert, run.data
     lora_config = LoraConfig(
         r=run.lora.rank,
@@ -342,6 +344,7 @@ def train_expert(base, registry: Registry, run: PreparedRun, plan, options: Trai
         # peft reads transformers' deprecated `is_gradient_checkpointing` alias: expected, not the user's to fix.
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         model = get_peft_model(base.model, lora_config)
+    use_lora_dropout(model)  # torch's CPU dropout cost a quarter of each forward + backward (docs/performance.md)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("%s: LoRA rank %d alpha %g dropout %g on %s: %d trainable of %d parameters",
              expert.name, run.lora.rank, run.lora.alpha, run.lora.dropout, ",".join(run.lora.target_modules), trainable, total)

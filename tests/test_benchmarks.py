@@ -37,3 +37,17 @@ def test_gpu_moe_full_smoke_builds_layer_by_layer_and_streams_as_planned():
     assert streamed["copies_per_step"] == streamed["planned_copies_per_step"] == 4  # 2N - 4 in the steady state
     assert resident["ratio_to_resident"] == 1.0 and 0 < streamed["ratio_to_resident"]
     assert streamed["build_s"] > 0 and "peak_device_gib" in streamed  # each model built in a process of its own
+
+
+def test_cpu_overhead_benchmark_smoke_runs_all_three_sides():
+    """The plain script, EXPLAIN's dropout-0 twin and EXPLAIN as shipped each train (2 steps) and are compared."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_overhead.py"), "--small"],
+                            capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "command: .venv/bin/python benchmarks/cpu_overhead.py --small"
+    walls = next(line for line in lines if line.startswith("whole process wall s:"))
+    assert all(f"{side} median" in walls for side in ("plain", "twin", "explain"))
+    ratios = {line.split(":")[0]: float(line.split("ratio of medians ")[1].split(";")[0]) for line in lines if "ratio of medians" in line}
+    assert set(ratios) >= {"(a) twin (EXPLAIN at dropout 0) / plain, whole process wall", "(b) EXPLAIN (dropout 0.1) / twin, whole process wall"}
+    assert all(0 < ratio < 100 for ratio in ratios.values())

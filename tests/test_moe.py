@@ -15,7 +15,7 @@ from transformers import BitsAndBytesConfig
 from mtg_core.base_models import TINY_CONFIG, ensure_tiny_mixtral
 from mtg_core.errors import ConfigError
 from mtg_core.moe import LinearExperts, MtgMixtralForCausalLM, grouped_mm
-from mtg_core.moe import grouped
+from mtg_core.moe import dropout, grouped
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]
 EXPERTS, HIDDEN, INTER = TINY_CONFIG["num_local_experts"], TINY_CONFIG["hidden_size"], TINY_CONFIG["intermediate_size"]
@@ -444,3 +444,99 @@ def test_planned_peak_is_within_ten_percent_of_the_measured_one_on_cuda():
     plan = plan_memory(config, TARGETS, 16, "nf4", 2, 1024, 2, "cuda", 0)
     planned = plan.total_bytes - plan.overhead_bytes
     assert abs(planned - measured) <= 0.1 * measured, (planned / 2**30, measured / 2**30)
+
+
+def test_lora_dropout_masks_drop_each_element_alone_with_probability_p():
+    """16 bits per element, four elements per 64-bit draw: every lane drops at rate p, and neighbours (which
+    share a draw) drop independently of each other."""
+    p, count = 0.1, 1 << 22
+    kept = dropout.keep_mask(torch.Size([count]), p, torch.float32, torch.device("cpu")).bool()
+    assert kept.numel() == count
+    dropped_ = ~kept.view(-1, 4)
+    sigma = (p * (1 - p) / (count / 4)) ** 0.5
+    assert all(abs(rate - p) < 5 * sigma for rate in dropped_.float().mean(0).tolist())  # each lane of a draw
+    both = (dropped_[:, :-1] & dropped_[:, 1:]).float().mean().item()  # neighbours in one draw
+    assert abs(both - p * p) < 5 * (p * p / (count / 4 * 3)) ** 0.5
+    assert abs((~kept[1:] & ~kept[:-1]).float().mean().item() - p * p) < 0.002  # neighbours anywhere
+    assert not torch.equal(kept, dropout.keep_mask(torch.Size([count]), p, torch.float32, torch.device("cpu")).bool())  # new per call
+
+
+def test_lora_dropout_has_torch_dropouts_mean_spread_and_gradient():
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    ours, theirs = dropout.LoraDropout(0.3).train(), nn.Dropout(0.3).train()
+    torch.manual_seed(8)
+    a = torch.stack([ours(x).detach() for _ in range(400)])
+    b = torch.stack([theirs(x).detach() for _ in range(400)])
+    torch.testing.assert_close(a.mean(0), x.detach(), atol=0.25, rtol=0)  # unbiased: E = x
+    assert 0.95 < a.std(0).norm() / b.std(0).norm() < 1.05
+    out = ours(x)
+    out.sum().backward()
+    kept = out.detach() != 0
+    assert torch.equal(x.grad, kept.float() / 0.7)  # the gradient passes where the input did, scaled alike
+    assert torch.equal(ours.eval()(x), x)  # eval: nothing dropped
+
+
+def test_use_lora_dropout_swaps_every_lora_dropout_of_the_model():
+    model = with_lora(tiny("none"), rank=4, dropout=0.1)
+    assert dropout.use_lora_dropout(model) == 2 * (4 + EXPERTS * 3)  # layers x (q, k, v, o + experts x (w1, w2, w3))
+    assert all(type(m) is not nn.Dropout for m in model.modules())
+    assert_grouped_path_taken(model)
+
+
+def test_grouped_lora_folds_the_dropout_scale_into_its_weights(monkeypatch):
+    """The grouped path multiplies 1 / (1 - p) into the stacked A instead of every input row: with a deterministic
+    mask (keep values away from 0) it equals the per-expert reference, whose modules scale the input."""
+    monkeypatch.setattr(dropout, "keep_mask", lambda shape, p, dtype, device: None)  # the paths must use `dropped`
+    deterministic = lambda x, p: x * (x.abs() > 0.05)
+    monkeypatch.setattr(dropout, "dropped", deterministic)
+    monkeypatch.setattr(grouped, "dropped", deterministic)
+    model = with_lora(tiny("none"), rank=4, dropout=0.2)
+    dropout.use_lora_dropout(model)
+    assert_grouped_path_taken(model)
+    ids = torch.randint(3, 2000, (4, 128), generator=torch.Generator().manual_seed(1))  # every expert gets tokens
+    logits_ref, grads_ref = loss_and_grads(model, ids, grouped_path=False)
+    logits, grads = loss_and_grads(model, ids, grouped_path=True)
+    torch.testing.assert_close(logits, logits_ref, atol=1e-4, rtol=1e-4)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-5, rtol=1e-3)
+
+
+def test_grouped_lora_dropout_matches_torchs_per_expert_dropout_in_distribution():
+    """Real masks: the grouped path with LoraDropout against the per-expert reference with torch's nn.Dropout."""
+    model = with_lora(tiny("none"), rank=4, dropout=0.3).train()
+    layer = expert_layers(model)[0]
+    reference = copy.deepcopy(layer)
+    dropout.use_lora_dropout(layer)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(24, HIDDEN, generator=generator)
+    index = torch.stack([torch.randperm(EXPERTS, generator=generator)[:2] for _ in range(24)])
+    weights = torch.rand(24, 2, generator=generator).softmax(-1)
+
+    def draws(module, grouped_path, copies=50, calls=6):
+        module.grouped = grouped_path
+        with torch.no_grad():
+            outs = [module(x.repeat(copies, 1), index.repeat(copies, 1), weights.repeat(copies, 1)) for _ in range(calls)]
+        return torch.cat(outs).view(copies * calls, *x.shape)
+
+    torch.manual_seed(4)
+    ours, theirs = draws(layer, True), draws(reference, False)
+    se = ((ours.var(0) + theirs.var(0)) / ours.shape[0]).sum().sqrt()
+    assert ((ours.mean(0) - theirs.mean(0)).norm() / se).item() < 2.0
+    assert 0.93 < (ours.std(0).norm() / theirs.std(0).norm()).item() < 1.07
+
+
+def test_checkpoint_recompute_draws_the_same_lora_dropout_masks():
+    """Non-reentrant checkpointing replays the forward for backward: it must see the masks the forward drew."""
+    model = with_lora(tiny("none"), rank=4, dropout=0.1).train()
+    dropout.use_lora_dropout(model)
+    results = []
+    for checkpointed in (False, True):
+        if checkpointed:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        torch.manual_seed(11)
+        results.append(loss_and_grads(model, batch(), grouped_path=True))
+    (logits, grads), (logits_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(logits_ckpt, logits, atol=0, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], atol=1e-6, rtol=1e-5)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mtg_core.errors import ConfigError
+from mtg_core.moe.dropout import LoraDropout, dropped
 
 BACKENDS = ("grouped_mm", "loop")  # torch._grouped_mm, or one matmul per expert (reads `ends` on the host)
 BACKEND_ENV = "MTG_MOE_BACKEND"
@@ -299,7 +300,7 @@ def lora_terms(x: torch.Tensor, ends: Ends, kinds, adapter: str) -> list[torch.T
     peft's per-expert A [r, in] and B [out, r] weights (the trainable parameters it saves) are stacked
     per layer, A [E, in, r] and B [E, r, out]; gradients flow back to them through the stack. Dropout
     is peft's module of each kind, applied to the sorted rows: each (token, expert, matrix) gets its own
-    mask, as in peft's per-expert modules. The ranks are padded with zeros to torch._grouped_mm's 16-byte
+    mask, as in peft's per-expert modules (LoraDropout's 1 / (1 - p) goes on the stacked A). The ranks are padded with zeros to torch._grouped_mm's 16-byte
     alignment. LoRA runs in the compute dtype (peft would upcast the input to the fp32 LoRA weights).
     """
     experts, rank = len(kinds[0]), kinds[0][0].r[adapter]
@@ -311,8 +312,13 @@ def lora_terms(x: torch.Tensor, ends: Ends, kinds, adapter: str) -> list[torch.T
         a = stacked.view(experts, len(kinds) * (rank + padding), -1).transpose(1, 2)
         inner = grouped_mm(x, a, ends).split(rank + padding, dim=1)
     else:
-        inner = [grouped_mm(dropout(x), _pad_rows(_Stacked.apply(x.dtype, *ws), padding, 1).transpose(1, 2), ends)
-                 for dropout, ws in zip(dropouts, a_weights)]
+        inner = []
+        for dropout, ws in zip(dropouts, a_weights):
+            a = _pad_rows(_Stacked.apply(x.dtype, *ws), padding, 1)
+            if isinstance(dropout, LoraDropout) and dropout.masks(x):  # 1 / (1 - p) on the small A, not on every input
+                inner.append(grouped_mm(dropped(x, dropout.p), (a * (1 / (1 - dropout.p))).transpose(1, 2), ends))
+            else:
+                inner.append(grouped_mm(dropout(x), a.transpose(1, 2), ends))
     terms = []
     for kind, projected in zip(kinds, inner):
         b = _pad_rows(_Stacked.apply(x.dtype, *(layer.lora_B[adapter].weight for layer in kind)), padding, 2)
