@@ -201,7 +201,8 @@ def test_an_expert_whose_plugin_failed_says_so_instead_of_not_installed(mistakes
                            capture_output=True, text=True)
     assert other.returncode == 2 and other.stderr.startswith(
         "error: no expert named 'judge' is installed (installed: explain); install one with `pip install ./mtg_expert_<name>` "
-        "or check $MTG_PLUGINS; plugin 'missing' of acme-mistakes, which may provide it, failed: import failed: ModuleNotFoundError")
+        "or check $MTG_PLUGINS; searched the entry points of group 'mtg_core' in every installed distribution; "
+        "plugin 'missing' of acme-mistakes, which may provide it, failed: import failed: ModuleNotFoundError")
 
 
 def test_import_error_and_bad_hookimpl_are_isolated_and_named(tmp_path):
