@@ -181,11 +181,11 @@ class HookCalls:
         return prompts
 
     def cross_cutting(self, expert: Expert) -> list[dict[str, Any]]:
-        """For a run's record: the other plugins whose collecting hooks take part in `expert`'s run."""
-        active = []
-        for plugin in self._plugins.values():
-            hooks = [hook for hook in COLLECTING_HOOKS if hook in plugin.hooks]
-            if plugin.name != expert.plugin and hooks:
-                active.append({"plugin": plugin.name, "distribution": plugin.distribution, "version": plugin.version,
-                               "hooks": hooks})
-        return active
+        """For a run's record: the other plugins that add evaluation prompts or trainer callbacks to `expert`."""
+        hooks: dict[str, list[str]] = {}
+        for hook in COLLECTING_HOOKS:
+            for plugin, items, _ in self._answers(expert, hook):
+                if items and plugin.name != expert.plugin:
+                    hooks.setdefault(plugin.name, []).append(hook)
+        return [{"plugin": name, "distribution": self._plugins[name].distribution, "version": self._plugins[name].version,
+                 "hooks": added} for name, added in hooks.items()]

@@ -233,7 +233,7 @@ class Registry(HookCalls, ExpertChecks, CallbackGuards):
         try:
             self.pm.register(plugin, name=name)
         except (pluggy.PluginValidationError, ValueError) as exc:
-            return self._fail(name, distribution, f"invalid hook implementation: {str(exc).splitlines()[0][:300]}")
+            return self._fail(name, distribution, f"invalid hook implementation: {exc}")
         impls = {caller.name: impl for caller in self.pm.get_hookcallers(plugin) or []
                  for impl in caller.get_hookimpls() if impl.plugin_name == name}
         problem = None
