@@ -164,3 +164,18 @@ def test_a_cross_cutting_plugin_full_of_mistakes_costs_only_itself_in_training_a
         skipped = json.loads((out / "explain" / file).read_text())["skipped_plugins"]
         assert {s["plugin"] for s in skipped} >= set(plugins), (file, skipped)
         assert all(s["expert"] == "explain" and s["reason"] for s in skipped)
+
+
+def test_new_expert_hint_installs_the_folder_and_a_shipped_name_is_warned_about(tmp_path, monkeypatch):
+    from mtg_core.cli import new_expert_command
+
+    monkeypatch.chdir(tmp_path)
+    made = CliRunner().invoke(new_expert_command, ["judge", "-d", "Tournament judge calls"])
+    assert made.exit_code == 0 and made.stderr == ""
+    assert "`pip install ./mtg_expert_judge`" in made.stdout  # a bare name would go to the package index
+    assert "a real expert needs at least 50 and 10" in made.stdout
+    clash = CliRunner().invoke(new_expert_command, ["explain", "-d", "Rules explained my way"])
+    assert clash.exit_code == 0 and (tmp_path / "mtg_expert_explain").is_dir()
+    assert clash.stderr.strip() == ("warning: 'explain' is a shipped expert: this package is also called mtg-expert-explain, "
+                                    "so installing it replaces the shipped one (and reinstalling mtg_core's experts replaces "
+                                    "yours); choose another name unless you mean to replace it")
