@@ -9,6 +9,8 @@ One broken plugin costs only itself:
   once, kept in `skipped`); a trainer callback that raises is switched off for the rest of the run.
 - Two claims on one name (entry point or expert): the distribution shipped with mtg_core wins and
   the other is refused; between two others neither is used until MTG_PLUGINS picks one.
+- What would otherwise vanish without a word is reported: entry points in a group spelt like ours,
+  MTG_PLUGINS names that match nothing, a plugin slow to import.
 
 `check(expert)` runs, without a model, everything a command will ask of an expert's plugin, so
 `mtg-train --list` shows every problem and a command refuses a broken expert before loading weights.
