@@ -532,8 +532,6 @@ def _ask(question, name, interactive, base_model, adapters: Path, max_new_tokens
     broken: dict[str, str] = {}
     if interactive:
         experts = _usable_experts(registry, adapters, broken)
-        if name and name.lower() in broken:
-            raise ConfigError(f"--expert {name}: {broken[name.lower()]}")
     else:
         experts = [registry.expert(name)] if name else []
         if not experts:
@@ -549,17 +547,19 @@ def _ask(question, name, interactive, base_model, adapters: Path, max_new_tokens
             broken[expert.name] = str(exc)  # in a session, a bad adapter costs only its expert
             click.echo(f"warning: {expert.name} not loaded: {exc}", err=True)
     experts = [e for e in experts if e.name in folders]
+    if name and name.lower() in broken:
+        raise ConfigError(f"--expert {name}: {broken[name.lower()]}")
     if not experts:
         raise ConfigError(f"no usable adapters in {adapters}: every one has a problem (above); retrain with mtg-train --expert NAME")
+    current = registry.expert(name) if name else experts[0]
+    if current.name not in folders:  # before the base loads
+        raise ConfigError(f"no adapter for {current.name} in {adapters}")
     streamed = _inference_streaming(registry, experts, choice, quant, offload, gpu_memory)
     base = load_base(choice, quant, lambda line: click.echo(line, err=True), streamed_layers=streamed)
     model = attach_adapters(base.model, folders)
     from transformers import TextStreamer
 
     streamer = TextStreamer(base.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    current = registry.expert(name) if name else experts[0]
-    if current.name not in folders:
-        raise ConfigError(f"no adapter for {current.name} in {adapters}")
 
     def answer(text: str) -> None:
         model.set_adapter(current.name)

@@ -31,6 +31,21 @@ def _for_experts(cases: list[tuple[str, Problem]]) -> str:
     return f", for experts {', '.join(names)} (for {first}: {problem.detail})"
 
 
+def _data_warnings(files: DataFiles | None, counts: dict[str, int | None]) -> tuple[str, ...]:
+    """What passes every check yet is a mistake: a relative path found here by chance, too few examples."""
+    paths = (("training", files.train), ("held-out", files.heldout)) if files else ()
+    relative = [f"{role} data path {path} is relative, so it resolves against the current directory: found here, "
+                "missing wherever else the command runs; build it from the package (Path(__file__).parent / \"data\" / ...)"
+                for role, path in paths if not path.is_absolute() and path.is_file()]
+    few = [f"only {count} {role} example{'s' if count != 1 else ''}: enough to test the plumbing, not to {purpose}; a real "
+           f"expert needs at least {least} varied ones (each shipped expert has over 100 training and 20 held-out examples, "
+           "written apart so that none restates another)"
+           for role, least, purpose in (("training", MIN_TRAINING_EXAMPLES, "teach a mode"),
+                                        ("held-out", MIN_HELDOUT_EXAMPLES, "measure one"))
+           for count in [counts.get(role)] if count is not None and 0 < count < least]
+    return (*relative, *few)
+
+
 @attrs.frozen
 class ExpertCheck:
     """What a model-free run of every hook and file of one expert found."""
@@ -82,19 +97,8 @@ class ExpertChecks:
                 counts[role] = None if records is None else len(records)
                 if records and formats:
                     attempt(self._format_all, expert, path, records)
-            relative = [f"{role} data path {path} is relative, so it resolves against the current directory: found "
-                        "here, missing wherever else the command runs; build it from the package "
-                        "(Path(__file__).parent / \"data\" / ...)"
-                        for role, path in ((("training", files.train), ("held-out", files.heldout)) if files else ())
-                        if not path.is_absolute() and path.is_file()]
-            few = [f"only {count} {role} example{'s' if count != 1 else ''}: enough to test the plumbing, not to "
-                   f"{purpose}; a real expert needs at least {least} varied ones (each shipped expert has over 100 "
-                   "training and 20 held-out examples, written apart so that none restates another)"
-                   for role, least, purpose in (("training", MIN_TRAINING_EXAMPLES, "teach a mode"),
-                                                ("held-out", MIN_HELDOUT_EXAMPLES, "measure one"))
-                   for count in [counts.get(role)] if count is not None and 0 < count < least]
             self._checks[key] = ExpertCheck(lora, files, counts.get("training"), counts.get("held-out"), tuple(problems),
-                                            (*relative, *few))
+                                            _data_warnings(files, counts))
         return self._checks[key]
 
     def _records(self, expert: Expert, role: str, path: Path) -> list[dict[str, str]]:

@@ -25,6 +25,7 @@ from mtg_core.plugins.checks import ExpertCheck, ExpertChecks, PluginReport
 ENTRY_POINT_GROUP = "mtg_core"
 ALLOW_LIST_ENV = "MTG_PLUGINS"
 SLOW_IMPORT_S = 1.0  # a plugin import slower than this is named in --list: discovery runs on every command
+HEAVY = frozenset({"torch", "transformers", "peft", "bitsandbytes"})  # what usually makes a plugin import slow
 # This repository's expert packages: when another distribution claims one of their names, they win.
 SHIPPED = frozenset(f"mtg-expert-{name}" for name in ("reason", "explain", "teach", "predict", "retrospect"))
 
@@ -67,7 +68,7 @@ def _like_ours(group: str) -> bool:
 def _module_hint(exc: BaseException, ep) -> str:
     """Which half of an entry point's `module:object` is wrong, when the plugin's own package imports."""
     module, _, attribute = ep.value.partition(":")
-    if isinstance(exc, AttributeError) and attribute and attribute.split(".")[0] in str(exc):
+    if isinstance(exc, AttributeError) and attribute and f"has no attribute {attribute.split('.')[0]!r}" in str(exc):
         return f"; the entry point {ep.value!r} names {attribute!r}, which {module} does not define: fix the name after ':'"
     if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name != module.split(".")[0] and module.startswith(exc.name):
         try:
@@ -179,7 +180,7 @@ class Registry(HookCalls, ExpertChecks, CallbackGuards):
             if chosen is None:
                 continue
             ep = eps[chosen]
-            started = time.perf_counter()
+            started, imported = time.perf_counter(), set(sys.modules)
             try:
                 plugin = ep.load()
             except Exception as exc:  # any import-time failure of third-party code
@@ -189,7 +190,7 @@ class Registry(HookCalls, ExpertChecks, CallbackGuards):
                 continue
             seconds = time.perf_counter() - started
             if registry.register(plugin, name, dists[chosen], ep.dist.version if ep.dist else "?") and seconds > SLOW_IMPORT_S:
-                registry._slow(name, ep.module, seconds)
+                registry._slow(name, ep.module, seconds, sorted(HEAVY & (set(sys.modules) - imported)))
         return registry
 
     def _misspelt_groups(self, everything) -> None:
@@ -202,13 +203,12 @@ class Registry(HookCalls, ExpertChecks, CallbackGuards):
                     f"mtg_core does not read, so it is not loaded; rename the group to {ENTRY_POINT_GROUP!r} "
                     f"([project.entry-points.{ENTRY_POINT_GROUP}] in its pyproject.toml) and reinstall"))
 
-    def _slow(self, name: str, module: str, seconds: float) -> None:
+    def _slow(self, name: str, module: str, seconds: float, heavy: list[str]) -> None:
         """A plugin slow to import makes every command slow (often a torch import at module top)."""
-        heavy = sorted(m for m in ("torch", "transformers", "peft", "bitsandbytes") if m in sys.modules)
         plugin = self._plugins[name]
         self._plugins[name] = attrs.evolve(plugin, warnings=(*plugin.warnings, (
             f"importing {module} took {seconds:.1f} s, which every mtg-train/mtg-eval/mtg-ask run pays"
-            + (f" ({', '.join(heavy)} imported by then)" if heavy else "")
+            + (f" (it imported {', '.join(heavy)})" if heavy else "")
             + "; import heavy libraries inside the hooks that need them, not at module top")))
 
     @staticmethod
