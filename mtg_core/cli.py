@@ -334,7 +334,7 @@ def _inference_streaming(registry, experts, choice, quant: str, offload: str, gp
 @click.option("--dest", type=ShellPath(file_okay=False), default=".", show_default=True, help="Folder to create it in.")
 def new_expert_command(name, description, dest):
     """Create mtg_expert_NAME/, a new expert package to edit, test and `pip install`."""
-    from mtg_core.scaffold import scaffold
+    from mtg_core.scaffold import clash_warning, next_steps, scaffold
 
     with _reported_errors():
         target = Path(dest) / f"mtg_expert_{name}"
@@ -345,7 +345,9 @@ def new_expert_command(name, description, dest):
             if not existed:
                 shutil.rmtree(target, ignore_errors=True)  # no half-written package left behind
             raise ConfigError(f"--dest {dest}: cannot create {target} there ({exc.strerror}); choose a writable folder") from None
-    click.echo(f"created {root}\nnext: edit its template.txt, data/ and plugin.py, then `pip install {root}` and `mtg-train --list`")
+    click.echo(next_steps(root))
+    if clash_warning(name):
+        click.echo(f"warning: {clash_warning(name)}", err=True)
 
 
 def _recover(adapters: Path, experts: list) -> None:
@@ -470,25 +472,37 @@ def _ask(question, name, interactive, base_model, adapters: Path, max_new_tokens
         raise ConfigError('give a question, or --interactive (e.g. mtg-ask --expert explain "What does trample do?")')
     registry = Registry.discover()
     _recover(adapters, registry.experts() if interactive else [registry.expert(name)] if name else [])
+    broken: dict[str, str] = {}
     if interactive:
-        experts = [e for e in registry.experts() if not e.error and (adapters / e.name / "adapter_config.json").is_file()]
-        if not experts:
-            raise ConfigError(f"no trained adapters in {adapters}; train one with mtg-train --expert NAME")
+        experts = _usable_experts(registry, adapters, broken)
     else:
         experts = [registry.expert(name)] if name else []
         if not experts:
             raise ConfigError("give --expert NAME (see mtg-train --list)")
     choice = _base_for(adapters, experts, base_model)
-    folders = {e.name: check_adapter(adapters, e.name, choice) for e in experts}
+    folders = {}
+    for expert in experts:
+        try:
+            folders[expert.name] = check_adapter(adapters, expert.name, choice)
+        except MtgError as exc:
+            if not interactive:
+                raise
+            broken[expert.name] = str(exc)  # in a session, a bad adapter costs only its expert
+            click.echo(f"warning: {expert.name} not loaded: {exc}", err=True)
+    experts = [e for e in experts if e.name in folders]
+    if name and name.lower() in broken:
+        raise ConfigError(f"--expert {name}: {broken[name.lower()]}")
+    if not experts:
+        raise ConfigError(f"no usable adapters in {adapters}: every one has a problem (above); retrain with mtg-train --expert NAME")
+    current = registry.expert(name) if name else experts[0]
+    if current.name not in folders:  # before the base loads
+        raise ConfigError(f"no adapter for {current.name} in {adapters}")
     streamed = _inference_streaming(registry, experts, choice, quant, offload, gpu_memory)
     base = load_base(choice, quant, lambda line: click.echo(line, err=True), streamed_layers=streamed)
     model = attach_adapters(base.model, folders)
     from transformers import TextStreamer
 
     streamer = TextStreamer(base.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    current = registry.expert(name) if name else experts[0]
-    if current.name not in folders:
-        raise ConfigError(f"no adapter for {current.name} in {adapters}")
 
     def answer(text: str) -> None:
         model.set_adapter(current.name)
@@ -497,22 +511,56 @@ def _ask(question, name, interactive, base_model, adapters: Path, max_new_tokens
     if not interactive:
         answer(question)
         return
+    by_name = {e.name: e for e in experts}
     click.echo(f"experts loaded: {', '.join(folders)}; '/expert NAME' switches, '/quit' ends", err=True)
-    stdin = click.get_text_stream("stdin")
-    while True:
-        click.echo(f"[{current.name}]> ", nl=False, err=True)
-        line = stdin.readline()
-        if not line:
-            click.echo("", err=True)  # end of input: end the prompt's line
+    stdin = click.get_binary_stream("stdin")  # bytes: one line that is not UTF-8 must not end the session
+    for number, line in enumerate(_prompted_lines(stdin, lambda: current.name), 1):
+        try:
+            line = line.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            click.echo(f"error: input line {number} is not UTF-8 text (byte {line[exc.start]:#04x} at position "
+                       f"{exc.start}); skipped it, ask again in UTF-8", err=True)
+            continue
+        if line == "/quit":
             return
-        if line.strip() == "/quit":
-            return
-        line = line.strip()
         if line.startswith("/expert"):
             wanted = line.removeprefix("/expert").strip().lower()
-            if wanted in folders:
-                current = registry.expert(wanted)
+            if wanted in by_name:
+                current = by_name[wanted]
+            elif wanted in broken:
+                click.echo(f"{wanted} is not loaded: {broken[wanted]}; still {current.name}", err=True)
             else:
-                click.echo(f"no adapter loaded for {wanted!r}; loaded: {', '.join(folders)}", err=True)
+                click.echo(f"no adapter loaded for {wanted!r}; loaded: {', '.join(folders)}; still {current.name}", err=True)
         elif line:
-            answer(line)
+            try:
+                answer(line)
+            except MtgError as exc:  # a plugin failing on one question costs that answer only
+                click.echo(f"{exc.label}: {exc}", err=True)
+
+
+def _usable_experts(registry: Registry, adapters: Path, broken: dict[str, str]) -> list:
+    """--interactive: every expert with an adapter whose plugin passes the checks of --list (template, data,
+    hooks) before the base loads; each broken one is a warning line, recorded in `broken`, and is not loaded."""
+    experts = []
+    for candidate in registry.experts():
+        if not (adapters / candidate.name / "adapter_config.json").is_file():
+            continue
+        try:
+            experts.append(registry.expert(candidate.name))
+        except MtgError as exc:
+            broken[candidate.name] = str(exc)
+            click.echo(f"warning: {candidate.name} not loaded: {exc}", err=True)
+    if not experts and not broken:
+        raise ConfigError(f"no trained adapters in {adapters}; train one with mtg-train --expert NAME")
+    return experts
+
+
+def _prompted_lines(stdin, current):
+    """Input lines as bytes, each after a '[expert]> ' prompt; ends the prompt's line at end of input."""
+    while True:
+        click.echo(f"[{current()}]> ", nl=False, err=True)
+        line = stdin.readline()
+        if not line:
+            click.echo("", err=True)
+            return
+        yield line

@@ -114,7 +114,8 @@ class TokenizedData:
     truncated: int
     trained_tokens: int
     untrained_rows: list[int]  # indices of the examples left with no answer tokens
-    shortest_seq_len: int  # the --seq-len that leaves every example an answer token (a lower bound for prompts cut at `cap`)
+    shortest_trainable: int = 0  # the --seq-len that leaves every example an answer token: longest prompt + 1
+    longest: int = 0  # the --seq-len that truncates nothing
 
     @property
     def untrained(self) -> int:
@@ -134,20 +135,21 @@ def tokenize(examples: Iterable[FormattedExample], tokenizer, seq_len: int) -> T
     tokens identical: no token spans more than `max_token_chars` characters.)
     """
     cap = (seq_len + 8) * max_token_chars(tokenizer)
-    rows, truncated, trained, untrained_rows, shortest = [], 0, 0, [], 0
+    rows, truncated, trained, untrained_rows, shortest_trainable, longest = [], 0, 0, [], 0, 0
     for index, example in enumerate(examples):
         prompt = tokenizer(example.prompt[:cap], add_special_tokens=True)["input_ids"]
         completion = tokenizer(" " + example.completion[:cap], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         input_ids = (prompt + completion)[:seq_len]
         labels = ([IGNORE_INDEX] * len(prompt) + completion)[:seq_len]
-        shortest = max(shortest, len(prompt) + 1)
         truncated += len(prompt) + len(completion) > seq_len
+        # measured on text cut at `cap`: beyond it the true length is larger still
+        shortest_trainable, longest = max(shortest_trainable, len(prompt) + 1), max(longest, len(prompt) + len(completion))
         n_trained = sum(label != IGNORE_INDEX for label in labels)
         if n_trained == 0:
             untrained_rows.append(index)
         trained += n_trained
         rows.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
-    return TokenizedData(rows, truncated, trained, untrained_rows, shortest)
+    return TokenizedData(rows, truncated, trained, untrained_rows, shortest_trainable, longest)
 
 
 def describe_lines(numbers: list[int], limit: int = 5) -> str:
@@ -160,7 +162,8 @@ def check_trainable(data: TokenizedData, seq_len: int, source: str, lines: list[
         where = describe_lines([lines[i] for i in data.untrained_rows])
         raise DataError(
             f"{source}: {data.untrained} of {len(data.rows)} examples ({where}) have no answer tokens left after "
-            f"truncation to --seq-len {seq_len}; --seq-len {data.shortest_seq_len} or more keeps every example (or shorten the prompts)"
+            f"truncation to --seq-len {seq_len}; --seq-len {data.shortest_trainable} leaves every example an answer token "
+            f"and {data.longest} keeps every one whole, or shorten the prompts"
         )
 
 

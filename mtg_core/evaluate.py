@@ -207,25 +207,43 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int, streamer=None) 
 
 
 def evaluate(model, tokenizer, registry: Registry, experts: list[Expert], max_new_tokens: int, seq_len: int) -> dict:
-    """Per expert: held-out loss of base and adapter, greedy samples; with several, the loss matrix."""
+    """Per expert: held-out loss of base and adapter, greedy samples; with several, the loss matrix.
+
+    Prints a line per answer to stderr: a plugin's evaluation prompts cost minutes on a big base."""
+    import time
+
+    import click
+
+    def answers(e: Expert, which: str, questions: list[str]) -> list[str]:
+        replies = []
+        for number, question in enumerate(questions, 1):
+            started = time.perf_counter()
+            replies.append(generate(model, tokenizer, prompt_for(registry, e, question), max_new_tokens))
+            click.echo(f"  {e.name}: {which} answer {number}/{len(questions)} ({time.perf_counter() - started:.1f} s)", err=True)
+        return replies
+
     results = {}
     batches = {e.name: heldout_batch(tokenizer, registry, e, seq_len) for e in experts}
+    prompts = {e.name: registry.eval_prompts_by_plugin(e) for e in experts}
+    click.echo(f"evaluating {', '.join(f'{e.name} ({len(prompts[e.name])} prompts)' for e in experts)}: held-out loss, then "
+               "base and adapter answers", err=True)
     with model.disable_adapter():
         base_losses = {e.name: heldout_loss(model, batches[e.name]) for e in experts}
-        base_answers = {e.name: [generate(model, tokenizer, prompt_for(registry, e, q), max_new_tokens)
-                                 for q in registry.eval_prompts(e)] for e in experts}
+        base_answers = {e.name: answers(e, "base", [q for q, _ in prompts[e.name]]) for e in experts}
     matrix = {}
     for adapter in experts:
         model.set_adapter(adapter.name)
         matrix[adapter.name] = {e.name: heldout_loss(model, batches[e.name]) for e in experts}
-        questions = registry.eval_prompts(adapter)
-        answers = [generate(model, tokenizer, prompt_for(registry, adapter, q), max_new_tokens) for q in questions]
+        questions = [q for q, _ in prompts[adapter.name]]
+        tuned_answers = answers(adapter, "adapter", questions)
         base, tuned = base_losses[adapter.name], matrix[adapter.name][adapter.name]
         results[adapter.name] = {
             "heldout_loss": {"base": base, "adapter": tuned},
             "heldout_perplexity": {"base": math.exp(base), "adapter": math.exp(tuned)},
             "improved": tuned < base,
-            "samples": [{"prompt": q, "base": b, "adapter": a} for q, b, a in zip(questions, base_answers[adapter.name], answers)],
+            "samples": [{"prompt": q, "plugin": plugin, "base": b, "adapter": a}
+                        for (q, plugin), b, a in zip(prompts[adapter.name], base_answers[adapter.name], tuned_answers)],
+            "cross_cutting_plugins": registry.cross_cutting(adapter),
         }
     if len(experts) > 1:
         for name in results:

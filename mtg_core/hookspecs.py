@@ -3,8 +3,11 @@
 Hooks that describe one expert take its name (a str) and are `firstresult`: mtg_core asks them of
 the plugin that registered the expert alone; every other plugin returns None. Hooks that collect
 (evaluation prompts, trainer callbacks) are called on every plugin, so a cross-cutting plugin can add
-to every expert; a wrong answer skips that plugin only (mtg_core.plugins checks every answer).
-Implementations need `@hookimpl`.
+to every expert; a wrong answer skips that plugin only (mtg_core.plugins checks every answer), at most
+16 evaluation prompts of each plugin are asked per expert, and a callback that takes a noticeable share
+of a training step is named with its time. Implementations need `@hookimpl`; the objects they return
+(ExpertInfo, LoraSettings, DataFiles, FormattedExample) are described field by field in
+docs/third-party-experts.md.
 """
 
 from __future__ import annotations

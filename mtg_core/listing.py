@@ -1,4 +1,5 @@
-"""`mtg-train --list`: one row per expert, per plugin that registers none, and per plugin not loaded.
+"""`mtg-train --list`: one row per expert, per plugin that registers none, per plugin not loaded (an entry
+point in a misspelt group included), and one for an allow-list that names nothing.
 
 Each expert row comes from `Registry.check`, which runs every hook and reads every data file the
 way a command would, so a plugin author sees every problem at once; building the rows imports no torch.
@@ -8,8 +9,9 @@ from __future__ import annotations
 
 import click
 
-from mtg_core.errors import PluginError
+from mtg_core.errors import MtgError, PluginError
 from mtg_core.plugins import ALLOW_LIST_ENV, Registry
+from mtg_core.plugins.targets import default_base_problem
 
 COLUMNS = ["name", "distribution", "version", "rank", "alpha", "dropout", "examples", "status"]
 
@@ -24,14 +26,26 @@ def _row(name: str, kind: str, distribution: str, version: str | None, errors: l
     return row
 
 
+def _target_problems(lora) -> list[str]:
+    """target_modules against the default base (training checks them again against the base it loads)."""
+    if lora is None:
+        return []
+    try:
+        problem = default_base_problem(lora.target_modules)
+    except MtgError as exc:
+        problem = f"target_modules not checked: {exc}"
+    return [problem] if problem else []
+
+
 def expert_rows(registry: Registry) -> list[dict]:
     rows = []
     plugins = {plugin.name: plugin for plugin in registry.plugins()}
     for expert in registry.experts():
         check, report, plugin = registry.check(expert), registry.plugin_report(expert.plugin), plugins[expert.plugin]
         lora = check.lora
+        targets = _target_problems(lora)
         rows.append(_row(expert.name, "expert", expert.distribution, expert.version,
-                         [*map(str, check.problems), *report.errors], list(report.warnings),
+                         [*map(str, check.problems), *targets, *report.errors], [*check.warnings, *report.warnings],
                          description=expert.info.description, plugin=expert.plugin, hooks=list(plugin.hooks),
                          rank=lora.rank if lora else None, alpha=lora.alpha if lora else None,
                          dropout=lora.dropout if lora else None,
@@ -50,6 +64,10 @@ def expert_rows(registry: Registry) -> list[dict]:
                          description=f"registers no expert; implements {', '.join(adds)}" if adds else None))
     for failure in registry.failures:
         rows.append(_row(failure.plugin, "plugin", failure.distribution, None, [failure.reason], [], plugin=failure.plugin))
+    for misplaced in registry.misplaced:
+        rows.append(_row(misplaced.plugin, "plugin", misplaced.distribution, None, [], [misplaced.reason], plugin=misplaced.plugin))
+    for note in registry.notes:
+        rows.append(_row(ALLOW_LIST_ENV, "setting", "-", None, [], [note]))
     return rows
 
 

@@ -153,20 +153,26 @@ def logit_bytes(compute_bytes: int) -> int:
     return max(forward, backward)
 
 
-def _plan_memory(model_config, target_modules, rank: int, quant: str, batch_size: int, seq_len: int,
-                 compute_bytes: int, device: str, device_free_bytes: int, host_free_bytes: int | None) -> MemoryPlan:
+def meta_model(model_config):
+    """The base's module tree on the meta device: names and shapes, no memory, no weights read."""
     import torch
-    from torch import nn
     from transformers import AutoModelForCausalLM
 
-    from mtg_core.base_models import QUANTIZED_PARTS
     from mtg_core.moe import MtgMixtralForCausalLM
 
     with torch.device("meta"):
         if model_config.model_type in ("mixtral", "mtg_mixtral"):
-            model = MtgMixtralForCausalLM(model_config)
-        else:
-            model = AutoModelForCausalLM.from_config(model_config)
+            return MtgMixtralForCausalLM(model_config)
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def _plan_memory(model_config, target_modules, rank: int, quant: str, batch_size: int, seq_len: int,
+                 compute_bytes: int, device: str, device_free_bytes: int, host_free_bytes: int | None) -> MemoryPlan:
+    from torch import nn
+
+    from mtg_core.base_models import QUANTIZED_PARTS
+
+    model = meta_model(model_config)
     quantized, other, lora_tensors = 0, 0, []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):

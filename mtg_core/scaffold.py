@@ -21,6 +21,27 @@ FILES = {
 }
 
 
+def clash_warning(name: str) -> str | None:
+    """A name a shipped expert uses: the package would share its distribution name, so `pip install` replaces it."""
+    from mtg_core.plugins import SHIPPED
+
+    if f"mtg-expert-{name}" not in SHIPPED:
+        return None
+    return (f"{name!r} is a shipped expert: this package is also called mtg-expert-{name}, so installing it replaces "
+            f"the shipped one (and reinstalling mtg_core's experts replaces yours); choose another name unless you mean to "
+            "replace it")
+
+
+def next_steps(root: Path) -> str:
+    """What to do with the new package; `./` keeps pip from looking the name up on the package index."""
+    from mtg_core.plugins.checks import MIN_HELDOUT_EXAMPLES, MIN_TRAINING_EXAMPLES
+
+    where = str(root) if root.is_absolute() or str(root).startswith(".") else f"./{root}"
+    return (f"created {root}\nnext: write its data (it ships 2 training and 1 held-out example to show the format; "
+            f"a real expert needs at least {MIN_TRAINING_EXAMPLES} and {MIN_HELDOUT_EXAMPLES}: docs/third-party-experts.md), "
+            f"edit template.txt and plugin.py, then `pip install {where}` and `mtg-train --list --strict`")
+
+
 def scaffold(name: str, description: str, parent: Path) -> Path:
     """Create parent/mtg_expert_<name>/ and return it; refuses to touch an existing folder."""
     if not EXPERT_NAME.match(name):

@@ -193,9 +193,11 @@ def memory_plan(choice, lora: LoraSettings, options: TrainOptions):
     import psutil
 
     from mtg_core.base_models import base_config, device_and_dtype, free_memory
-    from mtg_core.plan import GIB, plan_memory, settings_that_fit
+    from mtg_core.plan import GIB, meta_model, plan_memory, settings_that_fit
+    from mtg_core.plugins.targets import check_targets
 
     config = base_config(choice)
+    check_targets(lora.target_modules, meta_model(config), choice.name)  # peft would skip a wrong one silently
     device, dtype = device_and_dtype()
     budget = free_memory(device)
     if options.gpu_memory is not None:
@@ -474,6 +476,8 @@ def train_expert(base, registry: Registry, run: PreparedRun, plan, options: Trai
             },
             "memory_plan": plan.as_dict(),
             "skipped_plugins": registry.skipped_for(expert.name),
+            "cross_cutting_plugins": registry.cross_cutting(expert),
+            "plugin_callbacks": registry.callback_seconds(expert.name),
             "streaming": {
                 "layers": [layer.index for layer in streamer.layers],
                 "copies": streamer.copies - copies_before,

@@ -53,7 +53,8 @@ def test_unknown_expert_exits_non_zero_naming_the_installed_ones():
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "error: no expert named 'NOSUCH' is installed (installed: explain, predict, reason, retrospect, teach); "
-        "install one with `pip install ./mtg_expert_<name>` or check $MTG_PLUGINS"
+        "install one with `pip install ./mtg_expert_<name>` or check $MTG_PLUGINS; "
+        "searched the entry points of group 'mtg_core' in every installed distribution"
     )
 
 

@@ -185,11 +185,11 @@ def test_eval_refuses_a_seq_len_that_leaves_heldout_examples_without_answer_toke
     registry = Registry.discover()
     expert = registry.expert("explain")
     tokenizer = load_tokenizer(choose_base("tiny-mixtral"))
-    shortest = heldout_data(tokenizer, registry, expert, 32768).shortest_seq_len
+    shortest = heldout_data(tokenizer, registry, expert, 32768).shortest_trainable
     heldout_data(tokenizer, registry, expert, shortest)  # keeps every example
     result = CliRunner().invoke(eval_command, ["--expert", "explain", "--adapters", str(one_step), "--seq-len", "64"])
     one_line_refusal(result, "heldout.jsonl", "no answer tokens left after truncation to --seq-len 64",
-                     f"--seq-len {shortest} or more keeps every example")
+                     f"--seq-len {shortest} leaves every example an answer token")
     assert count_base_loads == [] and not (one_step / "explain" / "eval.json").exists()
 
 

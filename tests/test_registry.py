@@ -88,9 +88,14 @@ def test_expert_names_are_case_insensitive_and_unknown_names_list_the_installed(
 
 TEMPLATE = "[INST] You are the JUDGE expert. Question: {input} [/INST]"
 GOOD_RECORD = '{"input": "A player forgot a trigger.", "output": "Apply the missed-trigger policy."}\n'
+# as many examples as --list asks of a real expert (fewer are a warning)
+TRAINING = "".join(json.dumps({"input": f"Player {i} forgot a trigger.", "output": "Apply the missed-trigger policy."}) + "\n"
+                   for i in range(50))
+HELDOUT = "".join(json.dumps({"input": f"Player {i} drew an extra card.", "output": "Apply the hidden-card policy."}) + "\n"
+                  for i in range(10))
 
 
-def packaged(name, template=TEMPLATE, training=GOOD_RECORD * 2, heldout=GOOD_RECORD, dropout=0.05, prompts="['q']"):
+def packaged(name, template=TEMPLATE, training=TRAINING, heldout=HELDOUT, dropout=0.05, prompts="['q']"):
     """The files of a PackagedExpert package `acme_<name>` (None leaves a file out, as a build without package-data does)."""
     files = {
         f"acme_{name}/__init__.py": "",
@@ -201,7 +206,8 @@ def test_an_expert_whose_plugin_failed_says_so_instead_of_not_installed(mistakes
                            capture_output=True, text=True)
     assert other.returncode == 2 and other.stderr.startswith(
         "error: no expert named 'judge' is installed (installed: explain); install one with `pip install ./mtg_expert_<name>` "
-        "or check $MTG_PLUGINS; plugin 'missing' of acme-mistakes, which may provide it, failed: import failed: ModuleNotFoundError")
+        "or check $MTG_PLUGINS; searched the entry points of group 'mtg_core' in every installed distribution; "
+        "plugin 'missing' of acme-mistakes, which may provide it, failed: import failed: ModuleNotFoundError")
 
 
 def test_import_error_and_bad_hookimpl_are_isolated_and_named(tmp_path):
@@ -326,8 +332,11 @@ def test_hooks_that_raise_are_named_with_the_plugin_and_the_hook(tmp_path):
     registry = Registry()
     registry.register(Raising(tmp_path), "raising")
     expert = registry.experts()[0]
-    with pytest.raises(PluginError, match=r"plugin 'raising' \(not installed\) failed in mtg_format_example for expert 'toy': KeyError: 'prompt'"):
+    # the plugin's own line, so that its author finds it without --debug
+    line = f"{__file__}:{Raising.mtg_format_example.__code__.co_firstlineno + 2}"
+    with pytest.raises(PluginError) as refused:
         registry.format_example(expert, {"input": "a", "output": "b"})
+    assert str(refused.value) == f"plugin 'raising' (not installed) failed in mtg_format_example for expert 'toy': KeyError at {line}: 'prompt'"
     with pytest.raises(PluginError, match="failed in mtg_format_example"):
         registry.expert("toy")
 
@@ -353,7 +362,8 @@ def test_invalid_lora_settings_are_refused_with_field_value_and_range(tmp_path):
     with pytest.raises(PluginError) as refused:
         registry.expert("toy")
     assert str(refused.value) == ("plugin 'zero-rank' (not installed) failed in mtg_lora_settings for expert 'toy': "
-                                  "ValueError: LoraSettings: rank must be an integer with 1 <= rank <= 1024, got 0")
+                                  f"ValueError at {__file__}:{Settings.mtg_lora_settings.__code__.co_firstlineno + 2}: "
+                                  "LoraSettings: rank must be an integer with 1 <= rank <= 1024, got 0")
 
 
 def test_a_format_that_drops_the_input_or_shows_the_output_is_caught(tmp_path):

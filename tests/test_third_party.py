@@ -4,6 +4,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 from importlib.metadata import distributions
 
 import pytest
@@ -13,6 +14,7 @@ from conftest import EXPERTS, MTG_TRAIN, ROOT, add_plugin, cli_env
 from mtg_core import hookimpl
 from mtg_core.cli import eval_command, train_command
 from mtg_core.errors import ConfigError
+from mtg_core.plugins import MAX_EVAL_PROMPTS
 from mtg_core.scaffold import scaffold
 
 
@@ -40,7 +42,9 @@ def test_scaffolded_expert_is_discovered_tested_and_trained(tmp_path):
     env = cli_env(site)
     rows = json.loads(subprocess.run([*MTG_TRAIN, "--list", "--json"], env=env, capture_output=True, text=True, check=True).stdout)
     (judge,) = [row for row in rows if row["name"] == "judge"]
-    assert judge == {**judge, "distribution": "mtg-expert-judge", "status": "ok", "rank": 8, "examples": 2, "heldout_examples": 1}
+    assert judge == {**judge, "distribution": "mtg-expert-judge", "status": "warning", "rank": 8, "examples": 2, "heldout_examples": 1,
+                     "errors": []}
+    assert [w.split(":")[0] for w in judge["warnings"]] == ["only 2 training examples", "only 1 held-out example"]
     # the test file the template ships passes against the installed package, calling every owned hook
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "tests")],
                            env=env, capture_output=True, text=True, cwd=tmp_path)
@@ -107,7 +111,22 @@ def test_a_cross_cutting_plugin_full_of_mistakes_costs_only_itself_in_training_a
         def mtg_eval_prompts(self, expert):
             return "What does this expert do?"
 
-    for plugin, name in [(Mistakes(), "stop-at-loss"), (OneObject(), "one-object"), (OnePrompt(), "one-prompt")]:
+    class SlowStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            time.sleep(1.0)
+
+    class Busy:
+        """The trial's stall: a callback that sleeps through each step, and thousands of evaluation prompts."""
+
+        @hookimpl
+        def mtg_trainer_callbacks(self, expert):
+            return [SlowStep]
+
+        @hookimpl
+        def mtg_eval_prompts(self, expert):
+            return [f"Question {i}?" for i in range(5000)]
+
+    for plugin, name in [(Mistakes(), "stop-at-loss"), (OneObject(), "one-object"), (OnePrompt(), "one-prompt"), (Busy(), "busy")]:
         add_plugin(monkeypatch, plugin, name)
     out = tmp_path / "adapters"
     with caplog.at_level(logging.WARNING, logger="mtg_core"):
@@ -125,10 +144,38 @@ def test_a_cross_cutting_plugin_full_of_mistakes_costs_only_itself_in_training_a
                                "a TrainerCallback, not a list") for line in skips)
     assert any(line.startswith("plugin 'one-prompt' (not installed) skipped: mtg_eval_prompts(expert='explain') returned "
                                "a str, not a list: 'What does this expert do?'") for line in skips)
-    samples = json.loads((out / "explain" / "eval.json").read_text())["samples"]
-    assert len(samples) == 3 and "What does this expert do?" not in [s["prompt"] for s in samples]
+    evaluation = json.loads((out / "explain" / "eval.json").read_text())
+    samples = evaluation["samples"]
+    assert [s["plugin"] for s in samples] == ["explain"] * 3 + ["busy"] * MAX_EVAL_PROMPTS
+    assert "What does this expert do?" not in [s["prompt"] for s in samples]
+    assert f"busy' (not installed) skipped: mtg_eval_prompts(expert='explain') returned 5000 prompts; the first " \
+           f"{MAX_EVAL_PROMPTS} are asked and {5000 - MAX_EVAL_PROMPTS} dropped" in " ".join(skips)
+    assert f"  explain: adapter answer {3 + MAX_EVAL_PROMPTS}/{3 + MAX_EVAL_PROMPTS} (" in evaluated.output  # progress
+    meta = json.loads((out / "explain" / "training_meta.json").read_text())
+    for record in (evaluation, meta):
+        assert {p["plugin"]: p["hooks"] for p in record["cross_cutting_plugins"]} == {
+            "busy": ["mtg_eval_prompts", "mtg_trainer_callbacks"], "stop-at-loss": ["mtg_trainer_callbacks"]}
+    (slow,) = [c for c in meta["plugin_callbacks"] if c["callback"] == "SlowStep"]
+    assert slow["plugin"] == "busy" and slow["steps"] == 1 and slow["seconds_per_step"] >= 1.0 and slow["share_of_step"] > 0.1
+    (timed,) = [r.getMessage() for r in caplog.records if "callback SlowStep took" in r.getMessage()]
+    assert timed.startswith("plugin 'busy': callback SlowStep took 1.") and "training explain" in timed
     recorded = {"training_meta.json": ("stop-at-loss", "one-object"), "eval.json": ("one-prompt",)}
     for file, plugins in recorded.items():
         skipped = json.loads((out / "explain" / file).read_text())["skipped_plugins"]
         assert {s["plugin"] for s in skipped} >= set(plugins), (file, skipped)
         assert all(s["expert"] == "explain" and s["reason"] for s in skipped)
+
+
+def test_new_expert_hint_installs_the_folder_and_a_shipped_name_is_warned_about(tmp_path, monkeypatch):
+    from mtg_core.cli import new_expert_command
+
+    monkeypatch.chdir(tmp_path)
+    made = CliRunner().invoke(new_expert_command, ["judge", "-d", "Tournament judge calls"])
+    assert made.exit_code == 0 and made.stderr == ""
+    assert "`pip install ./mtg_expert_judge`" in made.stdout  # a bare name would go to the package index
+    assert "a real expert needs at least 50 and 10" in made.stdout
+    clash = CliRunner().invoke(new_expert_command, ["explain", "-d", "Rules explained my way"])
+    assert clash.exit_code == 0 and (tmp_path / "mtg_expert_explain").is_dir()
+    assert clash.stderr.strip() == ("warning: 'explain' is a shipped expert: this package is also called mtg-expert-explain, "
+                                    "so installing it replaces the shipped one (and reinstalling mtg_core's experts replaces "
+                                    "yours); choose another name unless you mean to replace it")

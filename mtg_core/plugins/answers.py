@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from typing import TYPE_CHECKING, Any, Iterator
 
 import attrs
@@ -31,6 +32,7 @@ ANSWERS = {
 }
 OWNED_HOOKS = ("mtg_lora_settings", "mtg_data_files", "mtg_format_example")
 COLLECTING_HOOKS = ("mtg_eval_prompts", "mtg_trainer_callbacks")
+MAX_EVAL_PROMPTS = 16  # per plugin and expert: each prompt costs two greedy generations in mtg-eval
 
 
 def _short(value: Any) -> str:
@@ -45,6 +47,21 @@ def _a(value: Any) -> str:
 
 def _shown(value: Any) -> str:
     return f"{_a(value)} ({_short(value)})"
+
+
+def _where(exc: BaseException, module: str) -> str:
+    """' at FILE:LINE' of the innermost frame in the plugin's own package, where the traceback reaches it."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f" at {exc.filename}:{exc.lineno}"
+    top = module.split(".")[0]
+    frames = [(frame.f_code.co_filename, line) for frame, line in traceback.walk_tb(exc.__traceback__)
+              if frame.f_globals.get("__name__", "").split(".")[0] == top]
+    return f" at {frames[-1][0]}:{frames[-1][1]}" if frames else ""
+
+
+def _raised(exc: BaseException, function: Any) -> str:
+    """'ValueError at FILE:LINE': where in the hook's own module (or package) it raised."""
+    return f"{type(exc).__name__}{_where(exc, getattr(function, '__module__', None) or '')}"
 
 
 def _is_callback(item: Any) -> bool:
@@ -103,7 +120,7 @@ class HookCalls:
         try:
             answer = impl.function(*(arguments[a] for a in impl.argnames))
         except Exception as exc:
-            raise PluginError(f"{who} failed in {hook} for expert {expert.name!r}: {type(exc).__name__}: {exc}") from exc
+            raise PluginError(f"{who} failed in {hook} for expert {expert.name!r}: {_raised(exc, impl.function)}: {exc}") from exc
         if not isinstance(answer, expected):
             raise PluginError(f"{who}: {hook}(expert={expert.name!r}) returned {_shown(answer)}; it must return {ANSWERS[hook]}")
         return answer
@@ -125,7 +142,7 @@ class HookCalls:
             try:
                 answer = impl.function(*(arguments[a] for a in impl.argnames))
             except Exception as exc:
-                yield plugin, [], Problem(f"raised {type(exc).__name__}", str(exc))
+                yield plugin, [], Problem(f"raised {type(exc).__name__}", f"{exc}{_where(exc, getattr(impl.function, '__module__', None) or '')}")
                 continue
             problem = _collection_problem(hook, answer)
             yield plugin, ([] if problem else list(answer or [])), problem
@@ -148,9 +165,27 @@ class HookCalls:
         return [*failed, *(entry for entry in self.skipped if entry["expert"] == expert)]
 
     def eval_prompts(self, expert: Expert) -> list[str]:
+        return [prompt for prompt, _ in self.eval_prompts_by_plugin(expert)]
+
+    def eval_prompts_by_plugin(self, expert: Expert) -> list[tuple[str, str]]:
+        """(prompt, plugin that added it), at most MAX_EVAL_PROMPTS of each plugin: each costs two generations."""
         prompts = []
         for plugin, items, problem in self._answers(expert, "mtg_eval_prompts"):
             if problem:
                 self._skip(plugin, "mtg_eval_prompts", expert.name, problem)
-            prompts += items
+            if len(items) > MAX_EVAL_PROMPTS:
+                self._skip(plugin, "mtg_eval_prompts", expert.name,
+                           f"returned {len(items)} prompts; the first {MAX_EVAL_PROMPTS} are asked and "
+                           f"{len(items) - MAX_EVAL_PROMPTS} dropped (each costs a base and an adapter answer)")
+            prompts += [(item, plugin.name) for item in items[:MAX_EVAL_PROMPTS]]
         return prompts
+
+    def cross_cutting(self, expert: Expert) -> list[dict[str, Any]]:
+        """For a run's record: the other plugins that add evaluation prompts or trainer callbacks to `expert`."""
+        hooks: dict[str, list[str]] = {}
+        for hook in COLLECTING_HOOKS:
+            for plugin, items, _ in self._answers(expert, hook):
+                if items and plugin.name != expert.plugin:
+                    hooks.setdefault(plugin.name, []).append(hook)
+        return [{"plugin": name, "distribution": self._plugins[name].distribution, "version": self._plugins[name].version,
+                 "hooks": added} for name, added in hooks.items()]

@@ -17,6 +17,8 @@ from mtg_core.plugins.answers import ANSWERS, COLLECTING_HOOKS, OWNED_HOOKS, Pro
 if TYPE_CHECKING:
     from mtg_core.plugins.registry import Expert, Plugin
 
+# Fewer examples than this pass every check yet cannot teach or measure a mode: --list warns (--strict fails).
+MIN_TRAINING_EXAMPLES, MIN_HELDOUT_EXAMPLES = 50, 10
 # A record no real data contains: what the template does with it shows where input and output go.
 PROBE = {"input": "mtg-probe-question-5c1e", "output": "mtg-probe-answer-5c1e"}
 
@@ -29,6 +31,21 @@ def _for_experts(cases: list[tuple[str, Problem]]) -> str:
     return f", for experts {', '.join(names)} (for {first}: {problem.detail})"
 
 
+def _data_warnings(files: DataFiles | None, counts: dict[str, int | None]) -> tuple[str, ...]:
+    """What passes every check yet is a mistake: a relative path found here by chance, too few examples."""
+    paths = (("training", files.train), ("held-out", files.heldout)) if files else ()
+    relative = [f"{role} data path {path} is relative, so it resolves against the current directory: found here, "
+                "missing wherever else the command runs; build it from the package (Path(__file__).parent / \"data\" / ...)"
+                for role, path in paths if not path.is_absolute() and path.is_file()]
+    few = [f"only {count} {role} example{'s' if count != 1 else ''}: enough to test the plumbing, not to {purpose}; a real "
+           f"expert needs at least {least} varied ones (each shipped expert has over 100 training and 20 held-out examples, "
+           "written apart so that none restates another)"
+           for role, least, purpose in (("training", MIN_TRAINING_EXAMPLES, "teach a mode"),
+                                        ("held-out", MIN_HELDOUT_EXAMPLES, "measure one"))
+           for count in [counts.get(role)] if count is not None and 0 < count < least]
+    return (*relative, *few)
+
+
 @attrs.frozen
 class ExpertCheck:
     """What a model-free run of every hook and file of one expert found."""
@@ -38,6 +55,7 @@ class ExpertCheck:
     examples: int | None
     heldout_examples: int | None
     problems: tuple[MtgError, ...]
+    warnings: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -79,10 +97,17 @@ class ExpertChecks:
                 counts[role] = None if records is None else len(records)
                 if records and formats:
                     attempt(self._format_all, expert, path, records)
-            self._checks[key] = ExpertCheck(lora, files, counts.get("training"), counts.get("held-out"), tuple(problems))
+            self._checks[key] = ExpertCheck(lora, files, counts.get("training"), counts.get("held-out"), tuple(problems),
+                                            _data_warnings(files, counts))
         return self._checks[key]
 
     def _records(self, expert: Expert, role: str, path: Path) -> list[dict[str, str]]:
+        if not path.is_file() and not path.is_absolute():
+            raise DataError(
+                f"{path}: no such file in the current directory {Path.cwd()}: the {role} path that "
+                f"{expert.distribution}'s mtg_data_files gives for {expert.name!r} is relative, so it resolves against "
+                "wherever the command runs; build it from the package, e.g. Path(__file__).parent / \"data\" / ..."
+            )
         if not path.is_file():
             raise DataError(
                 f"{path}: no such file, the {role} data that {expert.distribution}'s mtg_data_files gives for "

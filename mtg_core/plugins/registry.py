@@ -4,8 +4,11 @@ settled (the distribution shipped with mtg_core wins; otherwise MTG_PLUGINS pick
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import re
+import sys
+import time
 import traceback
 from importlib.metadata import entry_points
 
@@ -15,12 +18,14 @@ import pluggy
 from mtg_core import hookspecs
 from mtg_core.errors import MtgError, PluginError, UnknownExpertError
 from mtg_core.experts import ExpertInfo
-from mtg_core.plugins.answers import ANSWERS, COLLECTING_HOOKS, HOOKS, HookCalls, _shown
+from mtg_core.plugins.answers import ANSWERS, COLLECTING_HOOKS, HOOKS, HookCalls, _shown, _where
 from mtg_core.plugins.callbacks import CallbackGuards
 from mtg_core.plugins.checks import ExpertCheck, ExpertChecks, PluginReport
 
 ENTRY_POINT_GROUP = "mtg_core"
 ALLOW_LIST_ENV = "MTG_PLUGINS"
+SLOW_IMPORT_S = 1.0  # a plugin import slower than this is named in --list: discovery runs on every command
+HEAVY = frozenset({"torch", "transformers", "peft", "bitsandbytes"})  # what usually makes a plugin import slow
 # This repository's expert packages: when another distribution claims one of their names, they win.
 SHIPPED = frozenset(f"mtg-expert-{name}" for name in ("reason", "explain", "teach", "predict", "retrospect"))
 
@@ -42,16 +47,6 @@ def _winner(distributions: list[str]) -> int | None:
     return shipped[0] if len(shipped) == 1 else None
 
 
-def _where(exc: BaseException, module: str) -> str:
-    """' at FILE:LINE' of the innermost frame in the plugin's own package, where the traceback reaches it."""
-    if isinstance(exc, SyntaxError) and exc.filename:
-        return f" at {exc.filename}:{exc.lineno}"
-    top = module.split(".")[0]
-    frames = [(frame.f_code.co_filename, line) for frame, line in traceback.walk_tb(exc.__traceback__)
-              if frame.f_globals.get("__name__", "").split(".")[0] == top]
-    return f" at {frames[-1][0]}:{frames[-1][1]}" if frames else ""
-
-
 def _import_hint(exc: BaseException, module: str, distribution: str) -> str:
     if not isinstance(exc, ModuleNotFoundError) or not exc.name:
         return ""
@@ -59,6 +54,30 @@ def _import_hint(exc: BaseException, module: str, distribution: str) -> str:
         return (f"; {distribution} is installed without its module {exc.name}: check `packages` in its "
                 "pyproject.toml and reinstall")
     return f"; install the package that provides {exc.name!r} into this environment"
+
+
+def _group_key(group: str) -> str:
+    return re.sub(r"[-_.\s]+", "", group).lower()
+
+
+def _like_ours(group: str) -> bool:
+    """An entry-point group spelt like ours but not ours (mtg_cores, mtg-core, mtgcore, MTG_Core): a typo."""
+    return group != ENTRY_POINT_GROUP and difflib.SequenceMatcher(None, _group_key(group), _group_key(ENTRY_POINT_GROUP)).ratio() >= 0.8
+
+
+def _module_hint(exc: BaseException, ep) -> str:
+    """Which half of an entry point's `module:object` is wrong, when the plugin's own package imports."""
+    module, _, attribute = ep.value.partition(":")
+    if isinstance(exc, AttributeError) and attribute and f"has no attribute {attribute.split('.')[0]!r}" in str(exc):
+        return f"; the entry point {ep.value!r} names {attribute!r}, which {module} does not define: fix the name after ':'"
+    if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name != module.split(".")[0] and module.startswith(exc.name):
+        try:
+            found = importlib.util.find_spec(module.split(".")[0]) is not None
+        except (ImportError, ValueError):
+            found = False
+        if found:
+            return f"; the entry point {ep.value!r} names module {exc.name}, which does not exist: fix the module path before ':'"
+    return ""
 
 
 def _close_hook(name: str) -> str:
@@ -116,8 +135,12 @@ class Registry(HookCalls, ExpertChecks, CallbackGuards):
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.failures: list[PluginFailure] = []
+        # Entry points in a group spelt like ours, and remarks on the settings (an allow-list naming nothing).
+        self.misplaced: list[PluginFailure] = []
+        self.notes: list[str] = []
         # Answers and callbacks left out at run time: {plugin, distribution, hook, expert, reason}.
         self.skipped: list[dict[str, str]] = []
+        self.callback_times: list[dict] = []  # each guarded callback's time per step (callbacks.py)
         self._plugins: dict[str, Plugin] = {}
         self._warned: set[tuple[str, str]] = set()
         self._changed()
@@ -135,10 +158,18 @@ class Registry(HookCalls, ExpertChecks, CallbackGuards):
         registry = cls()
         allowed = _allow_list()
         claims: dict[str, list] = {}
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
+        everything = entry_points()
+        matched: set[str] = set()
+        for ep in everything.select(group=ENTRY_POINT_GROUP):
             dist = ep.dist.name if ep.dist else "?"
             if allowed is None or _normal(ep.name) in allowed or _normal(dist) in allowed:
                 claims.setdefault(ep.name, []).append(ep)
+                matched |= {_normal(ep.name), _normal(dist)}
+        registry._misspelt_groups(everything)
+        if allowed is not None and allowed - matched:
+            registry.notes.append(f"${ALLOW_LIST_ENV} names {', '.join(sorted(allowed - matched))}, which match"
+                                  f"{'es' if len(allowed - matched) == 1 else ''} no entry point or distribution of group "
+                                  f"{ENTRY_POINT_GROUP!r}; names are entry-point names (mtg-train --list) or distribution names")
         for name in sorted(claims):
             eps = claims[name]
             dists = [ep.dist.name if ep.dist else "?" for ep in eps]
@@ -149,15 +180,36 @@ class Registry(HookCalls, ExpertChecks, CallbackGuards):
             if chosen is None:
                 continue
             ep = eps[chosen]
+            started, imported = time.perf_counter(), set(sys.modules)
             try:
                 plugin = ep.load()
             except Exception as exc:  # any import-time failure of third-party code
                 where = _where(exc, ep.module)
-                registry._fail(name, dists[chosen], f"import failed{where}: {type(exc).__name__}: {exc}"
-                               f"{_import_hint(exc, ep.module, dists[chosen])}")
+                hint = _module_hint(exc, ep) or _import_hint(exc, ep.module, dists[chosen])
+                registry._fail(name, dists[chosen], f"import failed{where}: {type(exc).__name__}: {exc}{hint}")
                 continue
-            registry.register(plugin, name, dists[chosen], ep.dist.version if ep.dist else "?")
+            seconds = time.perf_counter() - started
+            if registry.register(plugin, name, dists[chosen], ep.dist.version if ep.dist else "?") and seconds > SLOW_IMPORT_S:
+                registry._slow(name, ep.module, seconds, sorted(HEAVY & (set(sys.modules) - imported)))
         return registry
+
+    def _misspelt_groups(self, everything) -> None:
+        """Entry points in a group spelt like ours: their plugin would vanish without a word."""
+        for group in sorted(g for g in everything.groups if _like_ours(g)):
+            for ep in everything.select(group=group):
+                dist = ep.dist.name if ep.dist else "?"
+                self.misplaced.append(PluginFailure(
+                    ep.name, dist, f"entry point {ep.name!r} = {ep.value!r} of {dist} is in group {group!r}, which "
+                    f"mtg_core does not read, so it is not loaded; rename the group to {ENTRY_POINT_GROUP!r} "
+                    f"([project.entry-points.{ENTRY_POINT_GROUP}] in its pyproject.toml) and reinstall"))
+
+    def _slow(self, name: str, module: str, seconds: float, heavy: list[str]) -> None:
+        """A plugin slow to import makes every command slow (often a torch import at module top)."""
+        plugin = self._plugins[name]
+        self._plugins[name] = attrs.evolve(plugin, warnings=(*plugin.warnings, (
+            f"importing {module} took {seconds:.1f} s, which every mtg-train/mtg-eval/mtg-ask run pays"
+            + (f" (it imported {', '.join(heavy)})" if heavy else "")
+            + "; import heavy libraries inside the hooks that need them, not at module top")))
 
     @staticmethod
     def _entry_point_clash(name: str, dists: list[str], index: int, chosen: int | None, names: set[str]) -> str:
@@ -172,11 +224,16 @@ class Registry(HookCalls, ExpertChecks, CallbackGuards):
     def register(self, plugin: object, name: str, distribution: str = "not installed", version: str = "?") -> bool:
         """Register one plugin object; a bad one is recorded in `failures` instead of raising."""
         self._changed()
+        if isinstance(plugin, type):  # its hooks would be called without `self`: a TypeError at the first call
+            return self._fail(name, distribution, f"the entry point names the class {plugin.__name__}, not an object: "
+                              f"create one in its module (plugin = {plugin.__name__}()) and point the entry point at it")
+        if self.pm.is_registered(plugin):
+            return self._fail(name, distribution, f"the same object is already loaded as plugin "
+                              f"{self.pm.get_name(plugin)!r}; give each entry point its own object")
         try:
             self.pm.register(plugin, name=name)
         except (pluggy.PluginValidationError, ValueError) as exc:
-            hint = "; the entry point names a class: point it at an instance" if isinstance(plugin, type) else ""
-            return self._fail(name, distribution, f"invalid hook implementation: {exc}{hint}")
+            return self._fail(name, distribution, f"invalid hook implementation: {exc}")
         impls = {caller.name: impl for caller in self.pm.get_hookcallers(plugin) or []
                  for impl in caller.get_hookimpls() if impl.plugin_name == name}
         problem = None
@@ -285,7 +342,7 @@ class Registry(HookCalls, ExpertChecks, CallbackGuards):
         problems = self.check(expert).problems
         if problems:
             more = f" (and {len(problems) - 1} more problems: see mtg-train --list)" if len(problems) > 1 else ""
-            raise type(problems[0])(f"{problems[0]}{more}")
+            raise type(problems[0])(f"{problems[0]}{more}") from problems[0]  # --debug shows the plugin's traceback
         for hook in COLLECTING_HOOKS:
             for plugin, _, problem in self._answers(expert, hook):
                 if problem:
@@ -298,7 +355,12 @@ class Registry(HookCalls, ExpertChecks, CallbackGuards):
             return PluginError(f"expert {name!r} is not available: plugin {own[0].plugin!r} of {own[0].distribution} "
                                f"failed: {own[0].reason}")
         message = (f"no expert named {name!r} is installed (installed: {', '.join(sorted(by_name)) or 'none'}); "
-                   f"install one with `pip install ./mtg_expert_<name>` or check ${ALLOW_LIST_ENV}")
+                   f"install one with `pip install ./mtg_expert_<name>` or check ${ALLOW_LIST_ENV}; "
+                   f"searched the entry points of group {ENTRY_POINT_GROUP!r} in every installed distribution")
+        for misplaced in self.misplaced:
+            message += f"; {misplaced.reason}"
+        for note in self.notes:
+            message += f"; {note}"
         if len(self.failures) == 1:
             failure = self.failures[0]
             message += f"; plugin {failure.plugin!r} of {failure.distribution}, which may provide it, failed: {failure.reason}"
