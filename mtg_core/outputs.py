@@ -30,8 +30,9 @@ from mtg_core.errors import ConfigError, MtgError
 META = "training_meta.json"
 WORK_MARKER = ".mtg-work.json"
 EVAL = "eval.json"
+LEGACY_EVAL_TMP = "eval.json.tmp"  # where earlier releases of mtg-eval wrote eval.json first; a kill could leave it behind
 # What adapters written before training_meta.json recorded its files may hold (judged by name, see _legacy_foreign).
-LEGACY_ENTRIES = {"adapter_config.json", "adapter_model.safetensors", META, EVAL, "README.md", "runs"}
+LEGACY_ENTRIES = {"adapter_config.json", "adapter_model.safetensors", META, EVAL, LEGACY_EVAL_TMP, "README.md", "runs"}
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
 
 
@@ -401,7 +402,7 @@ def is_ours(folder: Path, expert: str) -> str | None:
     if not isinstance(meta, dict) or meta.get("expert") != expert:
         return f"{META} is not mtg-train's record of a {expert} adapter"
     record = meta.get("files")
-    foreign = foreign_files(folder, record, {META, EVAL}) if isinstance(record, dict) else _legacy_foreign(folder)
+    foreign = foreign_files(folder, record, {META, EVAL, LEGACY_EVAL_TMP}) if isinstance(record, dict) else _legacy_foreign(folder)
     if foreign:
         return f"also holds {describe_foreign(foreign)}, which mtg-train did not write"
     return None

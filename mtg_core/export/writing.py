@@ -61,8 +61,9 @@ def prepare_out(out: Path, names: list[str], needed_bytes: int, adapters: Path, 
                           "free space or choose another --out")
 
 
-def export_foreign(folder: Path) -> str | None:
-    """None when `folder` holds only the files its export.json records, unchanged; else why it is not only ours."""
+def export_foreign(folder: Path, marked: bool = False) -> str | None:
+    """None when `folder` holds only the files its export.json records, unchanged (and our marker, if `marked`);
+    else why it is not only ours."""
     if folder.is_symlink() or not folder.is_dir():
         return "exists and is not an mtg-export folder (a symbolic link or a file)"
     try:
@@ -73,9 +74,9 @@ def export_foreign(folder: Path) -> str | None:
         return f"exists and is not an mtg-export folder (no {MARKER})"
     files = record.get("files")
     if isinstance(files, dict):
-        foreign = foreign_files(folder, files, {MARKER})
+        foreign = foreign_files(folder, files, {MARKER, WORK_MARKER} if marked else {MARKER})
     else:  # exports made before export.json recorded sizes and hashes: a list of the top-level names written
-        known = {*files, MARKER} if isinstance(files, list) else {MARKER}
+        known = ({*files} if isinstance(files, list) else set()) | ({MARKER, WORK_MARKER} if marked else {MARKER})
         foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()
                          if p.name not in known or p.is_symlink() or not p.is_file())
     return f"also holds {describe_foreign(foreign)}, which mtg-export did not write" if foreign else None
@@ -86,7 +87,7 @@ def clean_leftovers(out: Path, name: str) -> None:
     of its install (restored). Only folders carrying our marker, or our complete export.json, of a dead process."""
     target = out / name
     for old in sorted(out.glob(f".{name}.old-*"), key=lambda p: p.lstat().st_mtime, reverse=True):
-        if left_by_dead_process(old) and export_foreign(old) is None:
+        if left_by_dead_process(old) and export_foreign(old, marked=True) is None:
             if not target.exists() and not target.is_symlink():
                 old.rename(target)
                 (target / WORK_MARKER).unlink(missing_ok=True)
