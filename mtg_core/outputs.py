@@ -98,7 +98,7 @@ def read_small(path: Path) -> str | None:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
         with os.fdopen(fd, "rb", closefd=False) as handle:
-            return handle.read(1 << 20).decode("utf-8", "replace")
+            return handle.read(1 << 24).decode("utf-8", "replace")
     finally:
         os.close(fd)
 
