@@ -79,7 +79,7 @@ def write_new(path: Path, text: str) -> None:
 
 def replace_file(path: Path, text: str, tmp_dir: Path | None = None) -> None:
     """Write `text` beside `path` (or in `tmp_dir`) and rename it into place: readers see the old or the new file, whole."""
-    tmp = (tmp_dir or path.parent) / f".{path.parent.name}.{path.name}.tmp-{os.getpid()}"
+    tmp = tmp_dir / f".{path.parent.name}.{path.name}.tmp-{os.getpid()}" if tmp_dir else path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write_new(tmp, text)
     try:
         os.replace(tmp, path)

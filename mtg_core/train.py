@@ -475,7 +475,8 @@ def train_expert(base, registry: Registry, run: PreparedRun, plan, options: Trai
         return meta
     finally:
         # A run that checkpointed keeps its work folder for --resume; anything else leaves no trace.
-        if main_process and not kept and marker(work) is not None and (finished or not any((c / "trainer_state.json").is_file() for c in checkpoints(work))):
+        checkpointed = any((c / "trainer_state.json").is_file() for c in checkpoints(work))
+        if main_process and not kept and marker(work) is not None and (finished or not checkpointed):
             shutil.rmtree(work, ignore_errors=True)
         base.model = model.unload()  # the next expert of --all starts from the same, untouched base
 

@@ -41,12 +41,15 @@ FORMATS = ("vllm", "gguf", "merged")
 
 def export(adapters: Path, name: str | None, all_experts: bool, fmt: str, base_model: str | None, out: Path, dtype: str | None) -> list[Path]:
     """Check every selected adapter (and, for merged, its base checkpoint), then write one export per adapter."""
-    if all_experts and adapters.is_dir():  # an install a kill interrupted may have left no adapters/<expert>/ to find
+    # A kill while mtg-train installed an adapter: finish or undo it first. For --all, before listing the adapters:
+    # an interrupted install may have left no adapters/<expert>/ to find.
+    if all_experts and adapters.is_dir():
         from mtg_core.outputs import pending_installs
 
         _recover(adapters, pending_installs(adapters))
     names = adapter_names(adapters, name, all_experts)
-    _recover(adapters, names)  # a kill while mtg-train installed an adapter: finish or undo it first
+    if not all_experts:
+        _recover(adapters, names)
     chosen = [load_adapter(adapters, n, base_model) for n in names]
     checkpoints, needed = {}, 0
     for adapter in chosen:
