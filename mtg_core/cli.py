@@ -35,8 +35,11 @@ def _setup_logging(output_dir: Path) -> None:
         handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank()}] %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
         return
+    from mtg_core.outputs import open_shared
+
     log.setLevel(logging.INFO)
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(output_dir / "training_log.txt", encoding="utf-8")):
+    log_file = os.fdopen(open_shared(output_dir / "training_log.txt", os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8")
+    for handler in (logging.StreamHandler(sys.stderr), logging.StreamHandler(log_file)):
         handler.setFormatter(formatter)
         log.addHandler(handler)
 
@@ -241,7 +244,7 @@ def _plan(registry: Registry, name, all_experts, base_model, hyper: dict, as_jso
 
 
 def _train(registry: Registry, name, all_experts, base_model, data, output_dir: str, hyper: dict, resume=False, force=False, eval_after=False) -> None:
-    from mtg_core.outputs import lock_for_training, require_output_dir
+    from mtg_core.outputs import lock_all, require_output_dir
     from mtg_core.train import TrainOptions, check_output_dir, prepare, rank
 
     experts = _selected(registry, name, all_experts)
@@ -251,7 +254,7 @@ def _train(registry: Registry, name, all_experts, base_model, data, output_dir: 
     options = TrainOptions(**{k: v for k, v in hyper.items() if v is not None})
     runs = [prepare(registry, expert, options, data) for expert in experts]  # all data checked before weights load
     check_output_dir(output_dir)
-    locks = [lock_for_training(output_dir, expert.name) for expert in experts] if rank() == 0 else []  # rank 0 writes
+    locks = lock_all(output_dir, [expert.name for expert in experts]) if rank() == 0 else []  # rank 0 writes
     try:
         _train_locked(registry, experts, runs, base_model, output_dir, options, hyper, resume, force, eval_after)
     finally:
@@ -378,19 +381,16 @@ def _base_for(adapters: Path, experts: list, base_model: str | None):
 
 
 def run_eval(registry: Registry, experts: list, adapters: Path, choice, base, max_new_tokens: int, seq_len: int, no_fail: bool) -> dict:
-    """Evaluate `experts`' adapters on `base` (a LoadedBase), write each eval.json, print the table."""
-    import os
-
+    """Evaluate `experts`' adapters on `base` (a LoadedBase), print the table, then write each eval.json."""
     from mtg_core.evaluate import attach_adapters, check_adapter, evaluate
+    from mtg_core.outputs import adapter_identity, write_eval
 
     folders = {e.name: check_adapter(adapters, e.name, choice) for e in experts}
+    identities = {name: adapter_identity(folder) for name, folder in folders.items()}  # before peft reads the files
     model = attach_adapters(base.model, folders)
     results = evaluate(model, base.tokenizer, registry, experts, max_new_tokens, seq_len)
     for name, result in results.items():
         result["skipped_plugins"] = registry.skipped_for(name)
-        target = folders[name] / "eval.json"
-        target.with_suffix(".json.tmp").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        os.replace(target.with_suffix(".json.tmp"), target)
     click.echo(f"{'EXPERT':<12} {'BASE LOSS':>10} {'ADAPTER LOSS':>13} {'BASE PPL':>10} {'ADAPTER PPL':>12}  RESULT")
     for name, r in results.items():
         click.echo(f"{name:<12} {r['heldout_loss']['base']:>10.4f} {r['heldout_loss']['adapter']:>13.4f} "
@@ -406,6 +406,7 @@ def run_eval(registry: Registry, experts: list, adapters: Path, choice, base, ma
     for name, r in results.items():
         for sample in r["samples"]:
             click.echo(f"\n[{name}] {sample['prompt']}\n  base:    {sample['base'][:160]}\n  adapter: {sample['adapter'][:160]}")
+    write_eval(adapters, identities, results)  # after printing: results that cannot be saved are still seen
     worse = [name for name, r in results.items() if not r["improved"]]
     if worse and not no_fail:
         raise EvalFailed(f"the adapter of {', '.join(worse)} does not lower its held-out loss (see eval.json; --no-fail to only report)")

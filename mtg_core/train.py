@@ -29,8 +29,8 @@ from mtg_core.errors import ConfigError, OutOfMemory, TrainingInterrupted
 from mtg_core.experts import FormattedExample, LoraSettings
 from mtg_core.optim import one_sync_per_step
 from mtg_core.outputs import (
-    OutputError, checkpoint_problem, install, is_ours, is_write_failure, json_problem, work_dir,
-    require_writable_folder, write_failure_reason,
+    META, OutputError, apply_umask, checkpoint_problem, ensure_own_dir, install, is_ours, is_write_failure, json_problem, marker,
+    open_shared, record_files, replace_file, require_writable_folder, work_dir, write_failure_reason, write_new,
 )
 from mtg_core.plugins import Expert, Registry
 
@@ -141,8 +141,8 @@ def plan_resume(run: PreparedRun, options: TrainOptions, output_dir: Path, base_
                 f"{work} holds an interrupted run of {name} (step {step_of(existing[0])}); "
                 "continue it with --resume, or pass --force to discard it"
             )
-        if rank() == 0:  # every rank decides alike; only rank 0 touches the disk
-            shutil.rmtree(work, ignore_errors=True)
+        if rank() == 0 and marker(work) is not None:  # every rank decides alike; only rank 0 touches the disk
+            shutil.rmtree(work, ignore_errors=True)  # only a work folder mtg-train made (check_work_dir refused others)
         return run
     checkpoint, passed_over = resumable_checkpoint(work)
     if checkpoint is None:
@@ -227,8 +227,7 @@ def check_output_dir(output_dir: Path) -> None:
     log_file = output_dir / "training_log.txt"
     try:
         if log_file.exists() or log_file.is_symlink():  # a new one is created once the run starts
-            with log_file.open("a", encoding="utf-8"):
-                pass
+            os.close(open_shared(log_file, os.O_WRONLY | os.O_APPEND))
     except OSError as exc:
         raise ConfigError(f"{log_file}: cannot append the training log to it ({exc.strerror}); move it away or choose another --output-dir") from None
 
@@ -362,10 +361,10 @@ def train_expert(base, registry: Registry, run: PreparedRun, plan, options: Trai
     try:
         if run.resume_from:
             _check_checkpoint_shapes(model, run.resume_from)
-        with _write_errors(f"{work}", "the previous adapter is unchanged"):
-            work.mkdir(exist_ok=True)
-            if main_process:
-                (work / "run.json").write_text(json.dumps(run_identity(run, options, base.choice.identity), indent=2), encoding="utf-8")
+        if main_process:  # other ranks write nothing (the Trainer saves on rank 0)
+            with _write_errors(f"{work}", "the previous adapter is unchanged"):
+                ensure_own_dir(work, f"the work folder of an mtg-train run of {expert.name}")
+                replace_file(work / "run.json", json.dumps(run_identity(run, options, base.choice.identity), indent=2))
         log.info("%s: global batch %d = %d per device x %d accumulation x %d processes", expert.name,
                  options.batch_size * options.grad_accum * world_size(), options.batch_size, options.grad_accum, world_size())
         args = TrainingArguments(
@@ -493,7 +492,9 @@ def train_expert(base, registry: Registry, run: PreparedRun, plan, options: Trai
             shutil.rmtree(new, ignore_errors=True)
             model.save_pretrained(new, save_embedding_layers=False)  # no hub lookup: embeddings are never trained here
             shutil.move(work / "runs", new / "runs")
-            (new / "training_meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")  # written last: complete
+            apply_umask(new)
+            meta["files"] = record_files(new)  # what is ours in the folder: anything else, or an edited file, is the user's
+            write_new(new / META, json.dumps(meta, indent=2) + "\n")  # written last: complete
         if final.exists() or final.is_symlink():
             reason = is_ours(final, expert.name)  # checked before training too; the user may have added files since
             if reason:
@@ -513,7 +514,8 @@ def train_expert(base, registry: Registry, run: PreparedRun, plan, options: Trai
         return meta
     finally:
         # A run that checkpointed keeps its work folder for --resume; anything else leaves no trace.
-        if main_process and not kept and (finished or not any((c / "trainer_state.json").is_file() for c in checkpoints(work))):
+        checkpointed = any((c / "trainer_state.json").is_file() for c in checkpoints(work))
+        if main_process and not kept and marker(work) is not None and (finished or not checkpointed):
             shutil.rmtree(work, ignore_errors=True)
         base.model = model.unload()  # the next expert of --all starts from the same, untouched base
 

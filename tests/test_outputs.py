@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from conftest import MTG_TRAIN, cli_env, write_jsonl
 from mtg_core.cli import ask_command, eval_command, train_command
-from mtg_core.outputs import ExpertLock, recover
+from mtg_core.outputs import ExpertLock, mark, recover
 
 QUICK = ["--expert", "explain", "--max-samples", "8", "--batch-size", "2", "--grad-accum", "1", "--seq-len", "128", "--max-steps", "2"]
 
@@ -119,9 +119,11 @@ def test_a_kill_between_the_two_renames_is_recovered_by_the_next_command(tmp_pat
     old_meta = json.loads((out / "explain" / "training_meta.json").read_text())
     new = out / ".explain.partial" / "adapter"
     shutil.copytree(out / "explain", new)
+    mark(new.parent, "the work folder of a run")
     (new / "training_meta.json").write_text(json.dumps({**old_meta, "steps": 99}))
     if left != "new, old still installed":
         (out / "explain").rename(out / ".explain.old-4242")
+        mark(out / ".explain.old-4242", "the previous adapter")  # as install() marks it (by this process: not alive elsewhere)
     if left == "old only":
         shutil.rmtree(new)
     messages = []
@@ -135,7 +137,9 @@ def test_a_kill_between_the_two_renames_is_recovered_by_the_next_command(tmp_pat
 def test_mtg_eval_recovers_an_interrupted_install_and_says_so(tmp_path, trained):
     out = adapters_with(tmp_path, trained)
     shutil.copytree(out / "explain", out / ".explain.partial" / "adapter")
+    mark(out / ".explain.partial", "the work folder of a run")
     (out / "explain").rename(out / ".explain.old-77")
+    mark(out / ".explain.old-77", "the previous adapter")
     result = CliRunner().invoke(eval_command, ["--expert", "explain", "--adapters", str(out), "--max-new-tokens", "2", "--no-fail"])
     assert result.exit_code == 0, result.output
     assert f"warning: restored {out / 'explain'}: the run that trained it was stopped while installing it" in result.output

@@ -14,6 +14,8 @@ place; this file runs an export and is the `mtg-export` command.
 from __future__ import annotations
 
 import shlex
+import signal
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from mtg_core.export.gguf import check_gguf, gguf_command, gguf_tensors, write_g
 from mtg_core.export.merged import (FULL_PRECISION, SERVING_FILES, check_merged, checkpoint_folder, hub_key,
                                     write_merged)
 from mtg_core.export.vllm import VLLM_MAX_LORA_RANKS, check_vllm, vllm_command, write_vllm
-from mtg_core.export.writing import DTYPES, MARKER, prepare_out, write_export
+from mtg_core.export.writing import DTYPES, MARKER, ExportStopped, prepare_out, write_export
 from mtg_core.options import TEXT, BaseModelName, OneLineCommand, ShellPath
 
 __all__ = ["ATTENTION", "DTYPES", "EXPERT", "EXPERT_MATRICES", "FORMATS", "FULL_PRECISION", "HUB_BLOCK", "LORA_KEY",
@@ -40,8 +42,15 @@ FORMATS = ("vllm", "gguf", "merged")
 
 def export(adapters: Path, name: str | None, all_experts: bool, fmt: str, base_model: str | None, out: Path, dtype: str | None) -> list[Path]:
     """Check every selected adapter (and, for merged, its base checkpoint), then write one export per adapter."""
+    # A kill while mtg-train installed an adapter: finish or undo it first. For --all, before listing the adapters:
+    # an interrupted install may have left no adapters/<expert>/ to find.
+    if all_experts and adapters.is_dir():
+        from mtg_core.outputs import pending_installs
+
+        _recover(adapters, pending_installs(adapters))
     names = adapter_names(adapters, name, all_experts)
-    _recover(adapters, names)  # a kill while mtg-train installed an adapter: finish or undo it first
+    if not all_experts:
+        _recover(adapters, names)
     chosen = [load_adapter(adapters, n, base_model) for n in names]
     checkpoints, needed = {}, 0
     for adapter in chosen:
@@ -55,7 +64,7 @@ def export(adapters: Path, name: str | None, all_experts: bool, fmt: str, base_m
     if fmt == "vllm" and len({a.serve_id for a in chosen}) > 1:
         bases = ", ".join(f"{a.name}: {a.serve_id}" for a in chosen)
         raise ExportError(f"one vllm serve serves one base, and these adapters were trained on different ones ({bases}); export them separately")
-    prepare_out(out, [a.name for a in chosen], needed)
+    prepare_out(out, [a.name for a in chosen], needed, adapters, [a.folder for a in chosen])
     targets = []
     for adapter in chosen:
         if fmt == "merged":
@@ -98,8 +107,13 @@ def _print_serving(fmt: str, adapters: list[Adapter], targets: list[Path]) -> No
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def export_command(expert, all_experts, fmt, adapters, base_model, out, dtype, debug):
     """Convert trained adapters for serving: vLLM multi-LoRA, llama.cpp GGUF, or merged full weights."""
-    with _reported_errors(debug):
-        export(Path(adapters), expert, all_experts, fmt, base_model, Path(out) if out else Path("exports") / fmt, dtype)
+    try:
+        with _reported_errors(debug):
+            export(Path(adapters), expert, all_experts, fmt, base_model, Path(out) if out else Path("exports") / fmt, dtype)
+    except ExportStopped as stop:
+        click.echo(f"interrupted: stopped by {signal.Signals(stop.signum).name}; the export being written was removed "
+                   "(exports finished before it are in place, earlier ones untouched)", err=True)
+        sys.exit(128 + stop.signum)
 
 
 def _recover(adapters: Path, names: list[str]) -> None:

@@ -49,7 +49,7 @@ def _rope_permute(rows, heads: int):
     return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
 
 
-def write_gguf(adapter: Adapter, work: Path, dtype: str | None) -> list[str]:
+def write_gguf(adapter: Adapter, work: Path, dtype: str | None) -> None:
     """A llama.cpp LoRA adapter: general.type adapter, llama architecture (llama.cpp's Mixtral), one alpha."""
     import gguf
 
@@ -66,7 +66,6 @@ def write_gguf(adapter: Adapter, work: Path, dtype: str | None) -> list[str]:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return [file]
 
 
 def _gguf_array(tensor, dtype: str | None):

@@ -102,7 +102,7 @@ def _shards(folder: Path) -> list[str]:
     return shards
 
 
-def write_merged(adapter: Adapter, folder: Path, work: Path, dtype: str | None) -> list[str]:
+def write_merged(adapter: Adapter, folder: Path, work: Path, dtype: str | None) -> None:
     """The base's own shards with W + (alpha/r) B A, one shard in memory at a time; config, tokenizer, index alongside."""
     import torch
     from safetensors import safe_open
@@ -129,12 +129,10 @@ def write_merged(adapter: Adapter, folder: Path, work: Path, dtype: str | None) 
         del merged
     if pending:  # check_merged found every key; a shard changing underneath would land here
         raise ExportError(f"{folder}: {next(iter(pending))} disappeared while merging; run the export again")
-    written = list(shards)
     if (folder / "model.safetensors.index.json").is_file():
         index = _read_json(folder / "model.safetensors.index.json")
         index["metadata"] = {**index.get("metadata", {}), "total_size": total}
         (work / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        written.append("model.safetensors.index.json")
     config = _read_json(folder / "config.json")
     # stock names: other tools do not know our training class (MtgMixtralForCausalLM, model type mtg_mixtral)
     config.update(model_type="mixtral", architectures=["MixtralForCausalLM"])
@@ -146,5 +144,3 @@ def write_merged(adapter: Adapter, folder: Path, work: Path, dtype: str | None) 
     for name in SERVING_FILES:
         if (folder / name).is_file():
             shutil.copyfile(folder / name, work / name)
-            written.append(name)
-    return [*written, "config.json"]

@@ -23,7 +23,7 @@ def check_vllm(adapter: Adapter) -> None:
                           "expert has all of w1, w2 and w3 (train with target modules w1, w2, w3 or none of them)")
 
 
-def write_vllm(adapter: Adapter, work: Path, dtype: str | None) -> list[str]:
+def write_vllm(adapter: Adapter, work: Path, dtype: str | None) -> None:
     """The peft adapter with expert keys under `block_sparse_moe.experts`, where vLLM's Mixtral looks them up."""
     from safetensors.torch import save_file
 
@@ -34,7 +34,6 @@ def write_vllm(adapter: Adapter, work: Path, dtype: str | None) -> list[str]:
     save_file(tensors, work / "adapter_model.safetensors", metadata={"format": "pt"})
     config = {**adapter.config, "base_model_name_or_path": adapter.serve_id}
     (work / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return ["adapter_config.json", "adapter_model.safetensors"]
 
 
 def vllm_command(adapters: list[Adapter], targets: list[Path]) -> str:
