@@ -43,7 +43,6 @@ class MemoryPlan:
     transfer_bytes_per_step: int = 0  # host -> device per optimizer step (inference: per forward pass), in the steady state
     experts: int = 0  # experts per layer
     expert_chunk: int | None = None  # experts dequantised at a time (moe.grouped chunked path); None: the whole layer
-    staging: str = "layer"  # what a staging buffer holds: a "layer"'s packed experts, or one "group" (w1|w3, or w2)
     training: bool = True  # False: an inference plan (mtg-eval, mtg-ask): no gradients, optimizer state or checkpoints
 
     @property
@@ -79,6 +78,7 @@ def nf4_bytes(numel: int) -> int:
 
 
 OFFLOAD_CHOICES = ("auto", "none", "all")
+STAGING_BUFFERS = 2  # device buffers a streamed layer's packed experts are copied into (moe.streaming)
 # --offload-experts auto plans to this share of the budget: the caching allocator reserves more than is
 # allocated (fragmentation), and a 16 GB card must keep room for its CUDA context.
 AUTO_SHARE = 0.9
@@ -90,16 +90,15 @@ def spread(count: int, layers: int) -> tuple[int, ...]:
     return tuple(int((i + 0.5) * layers / count) for i in range(count))
 
 
-def streamed_copies(streamed: int, staging: str = "layer", training: bool = True) -> float:
-    """Layers' worth of copies per forward + backward of a micro-batch (inference: per forward pass) with two
-    staging buffers, in the steady state. Training: the forward runs the streamed layers up, the checkpoint
-    recompute down, and each turn finds what the two buffers hold still there (mtg_core.moe.streaming prefetches
-    in that order): two layers, or one layer's two groups. Inference runs them up every pass: the buffers keep
-    them only when they hold all of them."""
-    held = 2 if staging == "layer" else 1
+def streamed_copies(streamed: int, training: bool = True) -> int:
+    """Copies per forward + backward of a micro-batch (inference: per forward pass) with two staging buffers, in
+    the steady state. Training: the forward runs the streamed layers up, the checkpoint recompute down, and each
+    turn finds its two end layers still in the buffers (mtg_core.moe.streaming prefetches in that order); the
+    chunked path's backward finds its layer still there from the recompute. Inference runs them up every pass:
+    the buffers keep them only when they hold all of them."""
     if not training:
-        return 0 if streamed <= held else streamed
-    return max(0, 2 * streamed - 2 * held)
+        return 0 if streamed <= STAGING_BUFFERS else streamed
+    return max(0, 2 * streamed - 2 * STAGING_BUFFERS)
 
 
 def plan_memory(model_config, target_modules, rank: int, quant: str, batch_size: int, seq_len: int,
@@ -109,8 +108,7 @@ def plan_memory(model_config, target_modules, rank: int, quant: str, batch_size:
 
     offload: "none" keeps every expert on the device, "all" streams every layer's NF4 experts from host
     memory, "auto" streams the fewest layers that make the run fit `device_free_bytes`. When that is not
-    enough, streaming stages one matrix group at a time instead of a layer, and then the experts are
-    dequantised in the largest chunk of experts that fits (the whole layer when it does).
+    enough, the experts are dequantised in the largest chunk of experts that fits (the whole layer when it does).
     """
     plan = _plan_memory(model_config, target_modules, rank, quant, batch_size, seq_len, compute_bytes, device,
                         device_free_bytes, host_free_bytes, training)
@@ -123,8 +121,6 @@ def plan_memory(model_config, target_modules, rank: int, quant: str, batch_size:
             if offload == "auto" and plan.total_bytes <= target:
                 break  # auto: as many layers resident as fit
             plan = streaming(plan, model_config, streamed, grad_accum)
-        if plan.total_bytes > target and plan.streamed_layers:
-            plan = streaming(plan, model_config, plan.offloaded_layers, grad_accum, staging="group")
     if plan.total_bytes > target:
         for chunk in range(plan.experts - 1, 0, -1):  # the largest chunk that fits, or the smallest there is
             plan = chunked(plan, model_config, chunk, compute_bytes)
@@ -133,21 +129,17 @@ def plan_memory(model_config, target_modules, rank: int, quant: str, batch_size:
     return plan
 
 
-def streaming(plan: MemoryPlan, model_config, streamed: int, grad_accum: int, staging: str = "layer") -> MemoryPlan:
-    """`plan` with the experts of `streamed` layers in pinned host memory instead of on the device, staged
-    through two device buffers of a layer's packed experts each, or (staging "group") of its larger matrix
-    group each (w1|w3 of every expert: 2/3 of the layer)."""
+def streaming(plan: MemoryPlan, model_config, streamed: int, grad_accum: int) -> MemoryPlan:
+    """`plan` with the experts of `streamed` layers in pinned host memory instead of on the device."""
     layer_bytes = expert_packed_bytes(model_config)
     resident = plan.weights_4bit_bytes + plan.offloaded_layers * layer_bytes
-    buffer = layer_bytes if staging == "layer" else group_packed_bytes(model_config)
     return attrs.evolve(
         plan,
         weights_4bit_bytes=resident - streamed * layer_bytes,
         streamed_layers=spread(streamed, model_config.num_hidden_layers),
-        staging_bytes=min(streamed, 2) * buffer if staging == "layer" else 2 * buffer,
+        staging_bytes=min(streamed, STAGING_BUFFERS) * layer_bytes,
         host_bytes=streamed * pinned_bytes(layer_bytes),
-        transfer_bytes_per_step=int((grad_accum if plan.training else 1) * streamed_copies(streamed, staging, plan.training) * layer_bytes),
-        staging=staging,
+        transfer_bytes_per_step=(grad_accum if plan.training else 1) * streamed_copies(streamed, plan.training) * layer_bytes,
     )
 
 
@@ -164,11 +156,6 @@ def dequantized_bytes(model_config, compute_bytes: int, chunk: int | None, train
     if chunk is None:
         return c.num_local_experts * (3 if training else 2) * per_expert
     return chunk * 2 * per_expert
-
-
-def group_packed_bytes(model_config) -> int:
-    """One layer's larger matrix group (w1 and w3 of every expert) as packed NF4 data."""
-    return model_config.num_local_experts * 2 * model_config.hidden_size * model_config.intermediate_size // 2
 
 
 def pinned_bytes(nbytes: int) -> int:
@@ -291,7 +278,7 @@ def describe(plan: MemoryPlan) -> list[str]:
         ("activations (gradient checkpointing)" if plan.training else "activations and KV cache", plan.activation_bytes),
         ("logits and their gradient" if plan.training else "logits and the loss", plan.logits_bytes),
         (f"dequantised experts ({chunk_label(plan)})", plan.dequantized_bytes),
-        (f"staging buffers for streamed experts (2 {'layers' if plan.staging == 'layer' else 'w1|w3 groups'})", plan.staging_bytes),
+        ("staging buffers for streamed experts (2 layers)", plan.staging_bytes),
         ("CUDA context", plan.overhead_bytes),
     ]
     lines = [f"  {label:<52} {value / GIB:9.3f} GiB" for label, value in rows]

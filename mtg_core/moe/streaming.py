@@ -31,9 +31,7 @@ import attrs
 import torch
 
 from mtg_core.errors import BaseModelError
-from mtg_core.plan import pinned_bytes
-
-STAGING_BUFFERS = 2
+from mtg_core.plan import STAGING_BUFFERS, pinned_bytes
 
 
 @attrs.define(eq=False)
