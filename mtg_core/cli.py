@@ -221,7 +221,7 @@ def _selected(registry: Registry, name, all_experts) -> list:
 
 def _plan(registry: Registry, name, all_experts, base_model, hyper: dict, as_json: bool) -> None:
     from mtg_core.base_models import choose_base, default_base
-    from mtg_core.train import TrainOptions, memory_plan, world_size
+    from mtg_core.train import TrainOptions, local_world_size, memory_plan, world_size
 
     experts = _selected(registry, name, all_experts)
     options = TrainOptions(**{k: v for k, v in hyper.items() if v is not None})
@@ -233,7 +233,8 @@ def _plan(registry: Registry, name, all_experts, base_model, hyper: dict, as_jso
         if not as_json:
             from mtg_core.plan import describe
 
-            per_gpu = f", per process of {world_size()} (each holds the whole base)" if world_size() > 1 else ""
+            per_gpu = (f", per process of {world_size()} (each holds the whole base and pins its own streamed experts: "
+                       f"host RAM shared by {local_world_size()} on this node)" if world_size() > 1 else "")
             click.echo(f"{expert.name} on {choice.name}, batch {options.batch_size} x seq {options.seq_len}, quant {options.quant}{per_gpu}:")
             if plan.device == "cuda" and not _has_cuda():
                 host = "--host-memory" if options.host_memory is not None else "this machine's available RAM"

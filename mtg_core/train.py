@@ -175,6 +175,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_world_size() -> int:
+    """The processes of this node under torchrun / accelerate launch (1 when not distributed)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 class StopRequest:
     """What a stop signal (SIGINT, SIGTERM, SIGHUP) should do now, and the signal once one arrived.
 
@@ -212,6 +217,7 @@ def memory_plan(choice, lora: LoraSettings, options: TrainOptions, *, rent: bool
             budget = min(budget, int(options.gpu_memory * GIB))
         if options.host_memory is not None:
             host = min(host, int(options.host_memory * GIB))
+    host //= local_world_size()  # every rank of a node pins its own copy of the streamed experts
 
     def plan_for(batch_size: int, seq_len: int, offload: str = options.offload_experts):
         return plan_memory(config, lora.target_modules, lora.rank, options.quant, batch_size, seq_len, compute_bytes,
