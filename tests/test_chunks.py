@@ -129,3 +129,24 @@ def test_the_plan_picks_the_largest_chunk_that_fits():
     eight = plan_memory(config, TARGETS, 16, "nf4", 1, 512, 2, "cuda", 8 * GIB, offload="auto")
     assert eight.fits and eight.expert_chunk is not None
     assert eight.dequantized_bytes == eight.expert_chunk * 2 * 4096 * 14336 * 2
+
+
+def test_mtg_train_dequantises_in_the_plans_chunk_and_writes_the_same_adapter(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from mtg_core.cli import train_command
+
+    args = ["--expert", "explain", "--max-samples", "8", "--batch-size", "2", "--grad-accum", "2", "--seq-len", "128", "--max-steps", "2",
+            "--offload-experts", "all"]
+    # 0.0228 GiB: the tiny model's plan with every layer streamed fits with 5 experts at a time, not with 6
+    for name, budget in (("whole", []), ("chunked", ["--gpu-memory", "0.0228"])):
+        result = CliRunner().invoke(train_command, [*args, *budget, "--output-dir", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+    whole, chunks = (load_file(tmp_path / name / "explain" / "adapter_model.safetensors") for name in ("whole", "chunked"))
+    assert whole.keys() == chunks.keys() and all(torch.equal(whole[k], chunks[k]) for k in whole)
+    meta = json.loads((tmp_path / "chunked" / "explain" / "training_meta.json").read_text())
+    assert meta["memory_plan"]["expert_chunk"] == 5 and meta["memory_plan"]["fits"]
+    assert "experts dequantised 5 of 8 at a time" in (tmp_path / "chunked" / "training_log.txt").read_text()
