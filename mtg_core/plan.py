@@ -108,7 +108,8 @@ def plan_memory(model_config, target_modules, rank: int, quant: str, batch_size:
 
     offload: "none" keeps every expert on the device, "all" streams every layer's NF4 experts from host
     memory, "auto" streams the fewest layers that make the run fit `device_free_bytes`. When that is not
-    enough, the experts are dequantised in the largest chunk of experts that fits (the whole layer when it does).
+    enough ("auto" and "all"), the experts are dequantised in the largest chunk of experts that fits (the whole
+    layer when it does).
     """
     plan = _plan_memory(model_config, target_modules, rank, quant, batch_size, seq_len, compute_bytes, device,
                         device_free_bytes, host_free_bytes, training)
@@ -121,7 +122,7 @@ def plan_memory(model_config, target_modules, rank: int, quant: str, batch_size:
             if offload == "auto" and plan.total_bytes <= target:
                 break  # auto: as many layers resident as fit
             plan = streaming(plan, model_config, streamed, grad_accum)
-    if plan.total_bytes > target:
+    if offload != "none" and plan.total_bytes > target:  # "none": the run as it is (benchmarks plan with no budget)
         for chunk in range(plan.experts - 1, 0, -1):  # the largest chunk that fits, or the smallest there is
             plan = chunked(plan, model_config, chunk, compute_bytes)
             if plan.total_bytes <= target:
