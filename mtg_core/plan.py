@@ -278,10 +278,11 @@ def describe(plan: MemoryPlan) -> list[str]:
         ("optimizer state (8-bit AdamW)", plan.optimizer_bytes),
         ("activations (gradient checkpointing)" if plan.training else "activations and KV cache", plan.activation_bytes),
         ("logits and their gradient" if plan.training else "logits and the loss", plan.logits_bytes),
-        (f"dequantised experts ({chunk_label(plan)})", plan.dequantized_bytes),
         ("staging buffers for streamed experts (2 layers)", plan.staging_bytes),
         ("CUDA context", plan.overhead_bytes),
     ]
+    if plan.experts:
+        rows.insert(-2, (f"dequantised experts ({chunk_label(plan)})", plan.dequantized_bytes))
     lines = [f"  {label:<52} {value / GIB:9.3f} GiB" for label, value in rows]
     lines.append(f"  {'total':<52} {plan.total_bytes / GIB:9.3f} GiB")
     lines.append(f"  {'budget on ' + plan.device:<52} {plan.device_free_bytes / GIB:9.3f} GiB  -> "
