@@ -345,12 +345,12 @@ def _chunk_experts(model, plans: list) -> None:
 
 
 def _inference_plans(registry, experts, choice, quant: str, offload: str, gpu_memory: float | None, host_memory: float | None = None,
-                         seq_len: int = 512) -> list:
-    """For mtg-eval and mtg-ask: the inference plan of one sequence of `seq_len` tokens (no LoRA gradients, no
-    optimizer state, no checkpointed hidden states: see plan.plan_memory's `training`)."""
+                         seq_len: int = 512, batch_size: int = 1) -> list:
+    """For mtg-eval and mtg-ask: the inference plan of `batch_size` sequences of `seq_len` tokens (no LoRA gradients,
+    no optimizer state, no checkpointed hidden states: see plan.plan_memory's `training`)."""
     from mtg_core.train import TrainOptions
 
-    options = TrainOptions(batch_size=1, grad_accum=1, seq_len=seq_len, quant=quant, offload_experts=offload, gpu_memory=gpu_memory,
+    options = TrainOptions(batch_size=batch_size, grad_accum=1, seq_len=seq_len, quant=quant, offload_experts=offload, gpu_memory=gpu_memory,
                            host_memory=host_memory)
     return _memory_plans(choice, experts, [registry.lora_settings(e) for e in experts], options, inference=True)
 
@@ -465,9 +465,9 @@ def eval_command(expert, all_experts, base_model, adapters, max_new_tokens, seq_
         for e in experts:  # before the base loads
             check_adapter(adapters, e.name, choice)
         tokenizer = load_tokenizer(choice)
-        for e in experts:
-            heldout_data(tokenizer, registry, e, seq_len)
-        plans = _inference_plans(registry, experts, choice, quant, offload_experts, gpu_memory, host_memory, seq_len)
+        heldout = max(len(heldout_data(tokenizer, registry, e, seq_len).rows) for e in experts)
+        # the held-out loss runs each expert's held-out set as one batch (evaluate.heldout_batch)
+        plans = _inference_plans(registry, experts, choice, quant, offload_experts, gpu_memory, host_memory, seq_len, heldout)
         base = load_base(choice, quant, lambda line: click.echo(line, err=True), tokenizer, streamed_layers=_most_streamed(plans))
         _chunk_experts(base.model, plans)
         run_eval(registry, experts, adapters, choice, base, max_new_tokens, seq_len, no_fail)

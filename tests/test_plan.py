@@ -187,3 +187,27 @@ def test_eval_and_ask_plan_inference(monkeypatch):
     options, inference = seen[0]
     assert inference and options.batch_size == 1 and options.seq_len == 256
     assert options.gpu_memory == 8.0 and options.host_memory == 32.0
+
+
+def test_eval_plans_its_held_out_batch(monkeypatch, tmp_path):
+    import mtg_core.cli as cli
+    import mtg_core.evaluate
+    from mtg_core.evaluate import heldout_data
+
+    class Planned(Exception):
+        pass
+
+    def plans(*args):
+        raise Planned(args)
+
+    monkeypatch.setattr(cli, "_base_for", lambda adapters, experts, base_model: choose_base(TINY))
+    monkeypatch.setattr(mtg_core.evaluate, "check_adapter", lambda *args: None)
+    monkeypatch.setattr(cli, "_inference_plans", plans)
+    result = CliRunner().invoke(cli.eval_command, ["--expert", "explain", "--adapters", str(tmp_path), "--seq-len", "256",
+                                                   "--gpu-memory", "8", "--host-memory", "32"])
+    assert isinstance(result.exception, Planned), result.output
+    registry = Registry.discover()
+    from mtg_core.base_models import load_tokenizer
+
+    rows = len(heldout_data(load_tokenizer(choose_base(TINY)), registry, registry.expert("explain"), 256).rows)
+    assert result.exception.args[0][-4:] == (8.0, 32.0, 256, rows) and rows > 1
