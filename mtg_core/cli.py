@@ -73,7 +73,11 @@ def _setup_logging(output_dir: Path) -> None:
               help="Keep NF4 experts of some layers in host memory and stream them to the GPU as they run: auto streams "
                    "as few layers as the memory plan needs (none on a big GPU), all streams every layer (16 GB cards).")
 @click.option("--gpu-memory", type=FiniteFloat(min=0, min_open=True), metavar="GIB",
-              help="GPU memory to plan for (default: what is free on the device); --offload-experts auto fits the run into it.")
+              help="GPU memory to plan for (default: what is free on the device); --offload-experts auto fits the run into it. "
+                   "With --plan on a machine without a GPU: a CUDA GPU of GIB (bf16), the card you are about to rent.")
+@click.option("--host-memory", type=FiniteFloat(min=0, min_open=True), metavar="GIB",
+              help="Host RAM to plan for (default: what is available); with --plan and --gpu-memory on a machine "
+                   "without a GPU: the RAM of the machine you are about to rent.")
 @click.option("--save-steps", type=count(), help="Checkpoint every N steps (the last 3 are kept) for --resume.")
 @click.option("--resume", is_flag=True, help="Continue the newest complete checkpoint of an interrupted run.")
 @click.option("--force", is_flag=True, help="With --resume: resume although settings changed; without: discard an interrupted run.")
@@ -220,20 +224,24 @@ def _selected(registry: Registry, name, all_experts) -> list:
 
 def _plan(registry: Registry, name, all_experts, base_model, hyper: dict, as_json: bool) -> None:
     from mtg_core.base_models import choose_base, default_base
-    from mtg_core.train import TrainOptions, memory_plan, world_size
+    from mtg_core.train import TrainOptions, local_world_size, memory_plan, world_size
 
     experts = _selected(registry, name, all_experts)
     options = TrainOptions(**{k: v for k, v in hyper.items() if v is not None})
     choice = choose_base(base_model) if base_model else default_base()
     plans = []
     for expert in experts:
-        plan, advice = memory_plan(choice, registry.lora_settings(expert), options)
+        plan, advice = memory_plan(choice, registry.lora_settings(expert), options, rent=True)
         plans.append({"expert": expert.name, "base_model": choice.name, "world_size": world_size(), **plan.as_dict(), "advice": advice})
         if not as_json:
             from mtg_core.plan import describe
 
-            per_gpu = f", per process of {world_size()} (each holds the whole base)" if world_size() > 1 else ""
+            per_gpu = (f", per process of {world_size()} (each holds the whole base and pins its own streamed experts: "
+                       f"host RAM shared by {local_world_size()} on this node)" if world_size() > 1 else "")
             click.echo(f"{expert.name} on {choice.name}, batch {options.batch_size} x seq {options.seq_len}, quant {options.quant}{per_gpu}:")
+            if plan.device == "cuda" and not _has_cuda():
+                host = "--host-memory" if options.host_memory is not None else "this machine's available RAM"
+                click.echo(f"  no GPU here: planned for a CUDA GPU of {options.gpu_memory:g} GiB in bf16, host RAM from {host}")
             click.echo("\n".join(describe(plan)))
             if not plan.fits:
                 click.echo(f"  to fit: {advice}" if advice else "  no batch size or sequence length makes it fit this device")
@@ -241,6 +249,12 @@ def _plan(registry: Registry, name, all_experts, base_model, hyper: dict, as_jso
         click.echo(json.dumps(plans if all_experts else plans[0], indent=2))
     if not all(p["fits"] for p in plans):
         sys.exit(1)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _train(registry: Registry, name, all_experts, base_model, data, output_dir: str, hyper: dict, resume=False, force=False, eval_after=False) -> None:
@@ -293,6 +307,7 @@ def _train_locked(registry, experts, runs, base_model, output_dir: Path, options
             heldout_data(tokenizer, registry, run.expert, options.seq_len)
     plans = _memory_plans(choice, [run.expert for run in runs], [run.lora for run in runs], options)
     base = load_base(choice, options.quant, log.info, tokenizer, streamed_layers=_most_streamed(plans))
+    _chunk_experts(base.model, plans)
     for done, (run, plan) in enumerate(zip(runs, plans), 1):
         train_expert(base, registry, run, plan, options, output_dir)
         STOP.phase = "setup"
@@ -303,13 +318,13 @@ def _train_locked(registry, experts, runs, base_model, output_dir: Path, options
         run_eval(registry, experts, output_dir, choice, base, max_new_tokens=48, seq_len=options.seq_len, no_fail=False)
 
 
-def _memory_plans(choice, experts: list, loras: list, options) -> list:
+def _memory_plans(choice, experts: list, loras: list, options, inference: bool = False) -> list:
     """Each expert's memory plan, made before the base loads (while the device's memory is still free)."""
     from mtg_core.train import memory_plan
 
     plans = []
     for expert, lora in zip(experts, loras):
-        plan, advice = memory_plan(choice, lora, options)
+        plan, advice = memory_plan(choice, lora, options, inference=inference)
         if not plan.fits:
             log.warning("%s: the memory plan (%.2f GiB) does not fit the %.2f GiB %s; %s", expert.name, plan.total_bytes / 1024**3,
                         plan.device_free_bytes / 1024**3, "budget" if options.gpu_memory else "free", f"to fit: {advice}" if advice else "see --plan")
@@ -322,13 +337,25 @@ def _most_streamed(plans: list) -> tuple[int, ...]:
     return max((plan.streamed_layers for plan in plans), key=len, default=())
 
 
-def _inference_streaming(registry, experts, choice, quant: str, offload: str, gpu_memory: float | None) -> tuple[int, ...]:
-    """For mtg-eval and mtg-ask: the training plan at batch 1 (it counts LoRA gradients and optimizer state that
-    inference does not need, so it streams no fewer layers than necessary)."""
+def _chunk_experts(model, plans: list) -> None:
+    """Dequantise experts in the smallest chunk any plan needs (one base serves all), and say so."""
+    from mtg_core.moe.streaming import set_expert_chunk
+
+    chunks = [plan.expert_chunk for plan in plans if plan.expert_chunk is not None]
+    if chunks:
+        log.info("experts dequantised %d of %d at a time (the memory plan's chunk)", min(chunks), plans[0].experts)
+    set_expert_chunk(model, min(chunks, default=None))
+
+
+def _inference_plans(registry, experts, choice, quant: str, offload: str, gpu_memory: float | None, host_memory: float | None = None,
+                         seq_len: int = 512, batch_size: int = 1) -> list:
+    """For mtg-eval and mtg-ask: the inference plan of `batch_size` sequences of `seq_len` tokens (no LoRA gradients,
+    no optimizer state, no checkpointed hidden states: see plan.plan_memory's `training`)."""
     from mtg_core.train import TrainOptions
 
-    options = TrainOptions(batch_size=1, grad_accum=1, quant=quant, offload_experts=offload, gpu_memory=gpu_memory)
-    return _most_streamed(_memory_plans(choice, experts, [registry.lora_settings(e) for e in experts], options))
+    options = TrainOptions(batch_size=batch_size, grad_accum=1, seq_len=seq_len, quant=quant, offload_experts=offload, gpu_memory=gpu_memory,
+                           host_memory=host_memory)
+    return _memory_plans(choice, experts, [registry.lora_settings(e) for e in experts], options, inference=True)
 
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
@@ -423,9 +450,11 @@ def run_eval(registry: Registry, experts: list, adapters: Path, choice, base, ma
 @click.option("--quant", type=click.Choice(["nf4", "none"]), default="nf4", show_default=True)
 @click.option("--offload-experts", type=click.Choice(OFFLOAD_CHOICES), default="auto", show_default=True, help="As for mtg-train.")
 @click.option("--gpu-memory", type=FiniteFloat(min=0, min_open=True), metavar="GIB", help="As for mtg-train.")
+@click.option("--host-memory", type=FiniteFloat(min=0, min_open=True), metavar="GIB", help="As for mtg-train.")
 @click.option("--no-fail", is_flag=True, help="Report only: exit 0 even when an adapter does not lower its held-out loss.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def eval_command(expert, all_experts, base_model, adapters, max_new_tokens, seq_len, quant, offload_experts, gpu_memory, no_fail, debug):
+def eval_command(expert, all_experts, base_model, adapters, max_new_tokens, seq_len, quant, offload_experts, gpu_memory, host_memory,
+                 no_fail, debug):
     """Verify adapters: held-out loss and greedy answers to each expert's evaluation prompts, base vs adapter."""
     with _reported_errors(debug):
         registry = Registry.discover()
@@ -439,10 +468,11 @@ def eval_command(expert, all_experts, base_model, adapters, max_new_tokens, seq_
         for e in experts:  # before the base loads
             check_adapter(adapters, e.name, choice)
         tokenizer = load_tokenizer(choice)
-        for e in experts:
-            heldout_data(tokenizer, registry, e, seq_len)
-        streamed = _inference_streaming(registry, experts, choice, quant, offload_experts, gpu_memory)
-        base = load_base(choice, quant, lambda line: click.echo(line, err=True), tokenizer, streamed_layers=streamed)
+        heldout = max(len(heldout_data(tokenizer, registry, e, seq_len).rows) for e in experts)
+        # the held-out loss runs each expert's held-out set as one batch (evaluate.heldout_batch)
+        plans = _inference_plans(registry, experts, choice, quant, offload_experts, gpu_memory, host_memory, seq_len, heldout)
+        base = load_base(choice, quant, lambda line: click.echo(line, err=True), tokenizer, streamed_layers=_most_streamed(plans))
+        _chunk_experts(base.model, plans)
         run_eval(registry, experts, adapters, choice, base, max_new_tokens, seq_len, no_fail)
 
 
@@ -456,14 +486,17 @@ def eval_command(expert, all_experts, base_model, adapters, max_new_tokens, seq_
 @click.option("--quant", type=click.Choice(["nf4", "none"]), default="nf4", show_default=True)
 @click.option("--offload-experts", type=click.Choice(OFFLOAD_CHOICES), default="auto", show_default=True, help="As for mtg-train.")
 @click.option("--gpu-memory", type=FiniteFloat(min=0, min_open=True), metavar="GIB", help="As for mtg-train.")
+@click.option("--host-memory", type=FiniteFloat(min=0, min_open=True), metavar="GIB", help="As for mtg-train.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def ask_command(question, expert, interactive, base_model, adapters, max_new_tokens, quant, offload_experts, gpu_memory, debug):
+def ask_command(question, expert, interactive, base_model, adapters, max_new_tokens, quant, offload_experts, gpu_memory, host_memory,
+                debug):
     """Answer an MTG question with a trained expert; --interactive keeps every adapter on one loaded base."""
     with _reported_errors(debug):
-        _ask(question, expert, interactive, base_model, Path(adapters), max_new_tokens, quant, offload_experts, gpu_memory)
+        _ask(question, expert, interactive, base_model, Path(adapters), max_new_tokens, quant, offload_experts, gpu_memory, host_memory)
 
 
-def _ask(question, name, interactive, base_model, adapters: Path, max_new_tokens: int, quant: str, offload="auto", gpu_memory=None) -> None:
+def _ask(question, name, interactive, base_model, adapters: Path, max_new_tokens: int, quant: str, offload="auto", gpu_memory=None,
+         host_memory=None) -> None:
     from mtg_core.base_models import load_base
     from mtg_core.evaluate import attach_adapters, check_adapter, generate, prompt_for
 
@@ -498,8 +531,9 @@ def _ask(question, name, interactive, base_model, adapters: Path, max_new_tokens
     current = registry.expert(name) if name else experts[0]
     if current.name not in folders:  # before the base loads
         raise ConfigError(f"no adapter for {current.name} in {adapters}")
-    streamed = _inference_streaming(registry, experts, choice, quant, offload, gpu_memory)
-    base = load_base(choice, quant, lambda line: click.echo(line, err=True), streamed_layers=streamed)
+    plans = _inference_plans(registry, experts, choice, quant, offload, gpu_memory, host_memory)
+    base = load_base(choice, quant, lambda line: click.echo(line, err=True), streamed_layers=_most_streamed(plans))
+    _chunk_experts(base.model, plans)
     model = attach_adapters(base.model, folders)
     from transformers import TextStreamer
 

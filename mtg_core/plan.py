@@ -31,6 +31,7 @@ class MemoryPlan:
     optimizer_bytes: int
     activation_bytes: int
     logits_bytes: int
+    dequantized_bytes: int  # a layer's experts dequantised at once: the whole layer, or one chunk (expert_chunk)
     overhead_bytes: int
     device_free_bytes: int
     device: str
@@ -39,7 +40,10 @@ class MemoryPlan:
     staging_bytes: int = 0  # the device buffers streamed experts are copied into
     host_bytes: int = 0  # pinned host memory holding the streamed experts, as pinned (whole pages)
     host_free_bytes: int | None = None
-    transfer_bytes_per_step: int = 0  # host -> device per optimizer step, in the steady state
+    transfer_bytes_per_step: int = 0  # host -> device per optimizer step (inference: per forward pass), in the steady state
+    experts: int = 0  # experts per layer
+    expert_chunk: int | None = None  # experts dequantised at a time (moe.grouped chunked path); None: the whole layer
+    training: bool = True  # False: an inference plan (mtg-eval, mtg-ask): no gradients, optimizer state or checkpoints
 
     @property
     def weights_bytes(self) -> int:
@@ -52,7 +56,7 @@ class MemoryPlan:
     @property
     def total_bytes(self) -> int:
         return (self.weights_bytes + self.lora_bytes + self.gradient_bytes + self.optimizer_bytes
-                + self.activation_bytes + self.logits_bytes + self.staging_bytes + self.overhead_bytes)
+                + self.activation_bytes + self.logits_bytes + self.dequantized_bytes + self.staging_bytes + self.overhead_bytes)
 
     @property
     def host_fits(self) -> bool:
@@ -74,6 +78,7 @@ def nf4_bytes(numel: int) -> int:
 
 
 OFFLOAD_CHOICES = ("auto", "none", "all")
+STAGING_BUFFERS = 2  # device buffers a streamed layer's packed experts are copied into (moe.streaming)
 # --offload-experts auto plans to this share of the budget: the caching allocator reserves more than is
 # allocated (fragmentation), and a 16 GB card must keep room for its CUDA context.
 AUTO_SHARE = 0.9
@@ -85,30 +90,43 @@ def spread(count: int, layers: int) -> tuple[int, ...]:
     return tuple(int((i + 0.5) * layers / count) for i in range(count))
 
 
-def streamed_copies(streamed: int) -> int:
-    """Copies per forward + backward of a micro-batch with two staging buffers, in the steady state: the
-    forward runs the streamed layers up, the checkpoint recompute down, and each turn finds its two end
-    layers still in the buffers (mtg_core.moe.streaming prefetches in that order)."""
-    return max(0, 2 * streamed - 4)
+def streamed_copies(streamed: int, training: bool = True) -> int:
+    """Copies per forward + backward of a micro-batch (inference: per forward pass) with two staging buffers, in
+    the steady state. Training: the forward runs the streamed layers up, the checkpoint recompute down, and each
+    turn finds its two end layers still in the buffers (mtg_core.moe.streaming prefetches in that order); the
+    chunked path's backward finds its layer still there from the recompute. Inference runs them up every pass:
+    the buffers keep them only when they hold all of them."""
+    if not training:
+        return 0 if streamed <= STAGING_BUFFERS else streamed
+    return max(0, 2 * streamed - 2 * STAGING_BUFFERS)
 
 
 def plan_memory(model_config, target_modules, rank: int, quant: str, batch_size: int, seq_len: int,
                 compute_bytes: int, device: str, device_free_bytes: int, *, offload: str = "none", grad_accum: int = 1,
-                host_free_bytes: int | None = None) -> MemoryPlan:
+                host_free_bytes: int | None = None, training: bool = True) -> MemoryPlan:
     """Plan one run; `model_config` is a transformers config (nothing is allocated).
 
     offload: "none" keeps every expert on the device, "all" streams every layer's NF4 experts from host
-    memory, "auto" streams the fewest layers that make the run fit `device_free_bytes`.
+    memory, "auto" streams the fewest layers that make the run fit `device_free_bytes`. When that is not
+    enough ("auto" and "all"), the experts are dequantised in the largest chunk of experts that fits (the whole
+    layer when it does).
     """
     plan = _plan_memory(model_config, target_modules, rank, quant, batch_size, seq_len, compute_bytes, device,
-                        device_free_bytes, host_free_bytes)
+                        device_free_bytes, host_free_bytes, training)
     layers = model_config.num_hidden_layers
-    if quant != "nf4" or offload == "none" or not getattr(model_config, "num_local_experts", 0):
+    target = AUTO_SHARE * device_free_bytes if offload == "auto" else device_free_bytes
+    if not getattr(model_config, "num_local_experts", 0):
         return plan
-    for streamed in ([layers] if offload == "all" else range(1, layers + 1)):
-        if offload == "auto" and plan.total_bytes <= AUTO_SHARE * device_free_bytes:
-            break  # auto: as many layers resident as fit
-        plan = streaming(plan, model_config, streamed, grad_accum)
+    if quant == "nf4" and offload != "none":
+        for streamed in ([layers] if offload == "all" else range(1, layers + 1)):
+            if offload == "auto" and plan.total_bytes <= target:
+                break  # auto: as many layers resident as fit
+            plan = streaming(plan, model_config, streamed, grad_accum)
+    if offload != "none" and plan.total_bytes > target:  # "none": the run as it is (benchmarks plan with no budget)
+        for chunk in range(plan.experts - 1, 0, -1):  # the largest chunk that fits, or the smallest there is
+            plan = chunked(plan, model_config, chunk, compute_bytes)
+            if plan.total_bytes <= target:
+                break
     return plan
 
 
@@ -120,10 +138,25 @@ def streaming(plan: MemoryPlan, model_config, streamed: int, grad_accum: int) ->
         plan,
         weights_4bit_bytes=resident - streamed * layer_bytes,
         streamed_layers=spread(streamed, model_config.num_hidden_layers),
-        staging_bytes=min(streamed, 2) * layer_bytes,
+        staging_bytes=min(streamed, STAGING_BUFFERS) * layer_bytes,
         host_bytes=streamed * pinned_bytes(layer_bytes),
-        transfer_bytes_per_step=grad_accum * streamed_copies(streamed) * layer_bytes,
+        transfer_bytes_per_step=(grad_accum if plan.training else 1) * streamed_copies(streamed, plan.training) * layer_bytes,
     )
+
+
+def chunked(plan: MemoryPlan, model_config, chunk: int, compute_bytes: int) -> MemoryPlan:
+    """`plan` with `chunk` experts dequantised at a time (re-dequantised in backward instead of kept)."""
+    return attrs.evolve(plan, expert_chunk=chunk, dequantized_bytes=dequantized_bytes(model_config, compute_bytes, chunk, plan.training))
+
+
+def dequantized_bytes(model_config, compute_bytes: int, chunk: int | None, training: bool) -> int:
+    """A layer's dequantised experts alive at once. Whole layer: training keeps both groups (w1|w3 and w2 of every
+    expert) for backward; inference holds one group at a time, w1|w3 the larger. Chunked: one chunk's w1|w3."""
+    c = model_config
+    per_expert = c.hidden_size * c.intermediate_size * compute_bytes
+    if chunk is None:
+        return c.num_local_experts * (3 if training else 2) * per_expert
+    return chunk * 2 * per_expert
 
 
 def pinned_bytes(nbytes: int) -> int:
@@ -167,7 +200,7 @@ def meta_model(model_config):
 
 
 def _plan_memory(model_config, target_modules, rank: int, quant: str, batch_size: int, seq_len: int,
-                 compute_bytes: int, device: str, device_free_bytes: int, host_free_bytes: int | None) -> MemoryPlan:
+                 compute_bytes: int, device: str, device_free_bytes: int, host_free_bytes: int | None, training: bool) -> MemoryPlan:
     from torch import nn
 
     from mtg_core.base_models import QUANTIZED_PARTS
@@ -197,28 +230,34 @@ def _plan_memory(model_config, target_modules, rank: int, quant: str, batch_size
     # Checkpointing keeps each layer's input; backward recomputes one layer at a time, holding its
     # attention tensors (norm, q, k, v, output, LoRA dropout copies), router logits in fp32, and for each
     # routed token the expert's w1/w3 outputs, activation, product, w2 output and dropout copies.
-    saved = layers * tokens * hidden * compute_bytes
     attention = tokens * (6 * hidden + 2 * kv + 3 * hidden) * compute_bytes
     moe = tokens * top_k * (2 * hidden + 5 * inter + hidden) * compute_bytes + tokens * experts * 4
-    # The grouped expert path holds a whole layer's experts stacked in the compute dtype (saved for backward).
-    # It dequantises them straight from one contiguous buffer (resident layers are laid out so on first use,
-    # streamed ones sit so in their staging buffer): no packed copy.
-    dequantized = experts * 3 * hidden * inter * compute_bytes
-    activation = saved + 2 * (attention + moe) + dequantized  # forward recompute + its gradients
-    logits = tokens * c.vocab_size * logit_bytes(compute_bytes)
+    if training:
+        activation = layers * tokens * hidden * compute_bytes + 2 * (attention + moe)  # forward recompute + its gradients
+        logits = tokens * c.vocab_size * logit_bytes(compute_bytes)
+    else:  # one layer's forward at a time, the KV cache of every layer, and the loss (mtg-eval) over fp32 logits
+        activation = layers * tokens * 2 * kv * compute_bytes + attention + moe
+        logits = tokens * c.vocab_size * (compute_bytes + 2 * 4)
+    # The grouped expert path dequantises a layer's experts stacked in the compute dtype straight from one
+    # contiguous buffer (resident layers are laid out so on first use, streamed ones sit so in their staging
+    # buffer): no packed copy.
+    dequantized = dequantized_bytes(c, compute_bytes, None, training) if getattr(c, "num_local_experts", 0) else 0
     return MemoryPlan(
         weights_4bit_bytes=quantized,
         weights_other_bytes=other,
         lora_params=lora_params,
         lora_bytes=4 * lora_params,
-        gradient_bytes=4 * lora_params,
-        optimizer_bytes=optimizer,
+        gradient_bytes=4 * lora_params if training else 0,
+        optimizer_bytes=optimizer if training else 0,
         activation_bytes=activation,
         logits_bytes=logits,
+        dequantized_bytes=dequantized,
         overhead_bytes=CUDA_CONTEXT_BYTES if device == "cuda" else 0,
         device_free_bytes=device_free_bytes,
         device=device,
         host_free_bytes=host_free_bytes,
+        experts=getattr(c, "num_local_experts", 0),
+        training=training,
     )
 
 
@@ -243,11 +282,13 @@ def describe(plan: MemoryPlan) -> list[str]:
         (f"LoRA parameters ({plan.lora_params:,}, fp32)", plan.lora_bytes),
         ("LoRA gradients (fp32)", plan.gradient_bytes),
         ("optimizer state (8-bit AdamW)", plan.optimizer_bytes),
-        ("activations (gradient checkpointing)", plan.activation_bytes),
-        ("logits and their gradient", plan.logits_bytes),
+        ("activations (gradient checkpointing)" if plan.training else "activations and KV cache", plan.activation_bytes),
+        ("logits and their gradient" if plan.training else "logits and the loss", plan.logits_bytes),
         ("staging buffers for streamed experts (2 layers)", plan.staging_bytes),
         ("CUDA context", plan.overhead_bytes),
     ]
+    if plan.experts:
+        rows.insert(-2, (f"dequantised experts ({chunk_label(plan)})", plan.dequantized_bytes))
     lines = [f"  {label:<52} {value / GIB:9.3f} GiB" for label, value in rows]
     lines.append(f"  {'total':<52} {plan.total_bytes / GIB:9.3f} GiB")
     lines.append(f"  {'budget on ' + plan.device:<52} {plan.device_free_bytes / GIB:9.3f} GiB  -> "
@@ -258,5 +299,12 @@ def describe(plan: MemoryPlan) -> list[str]:
         free = "" if plan.host_free_bytes is None else f" of {plan.host_free_bytes / GIB:.3f} GiB available"
         lines.append(f"  {'pinned host memory' + free:<52} {plan.host_bytes / GIB:9.3f} GiB  -> "
                      f"{'fits' if plan.host_fits else 'does NOT fit'}")
-        lines.append(f"  {'copied host -> device per optimizer step':<52} {plan.transfer_bytes_per_step / GIB:9.3f} GiB")
+        per = "optimizer step" if plan.training else "forward pass"
+        lines.append(f"  {'copied host -> device per ' + per:<52} {plan.transfer_bytes_per_step / GIB:9.3f} GiB")
     return lines
+
+
+def chunk_label(plan: MemoryPlan) -> str:
+    if plan.expert_chunk is None:
+        return f"whole layer, {plan.experts} experts"
+    return f"{plan.expert_chunk} of {plan.experts} experts at a time"

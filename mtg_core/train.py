@@ -53,6 +53,7 @@ class TrainOptions:
     save_steps: int | None = None
     offload_experts: str = "auto"  # stream NF4 experts from host memory: auto (as needed), none, all
     gpu_memory: float | None = None  # GiB to plan for; None: the device's free memory
+    host_memory: float | None = None  # GiB of host RAM to plan for; None: what is available
 
 
 KEPT_CHECKPOINTS = 3
@@ -174,6 +175,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_world_size() -> int:
+    """The processes of this node under torchrun / accelerate launch (1 when not distributed)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 class StopRequest:
     """What a stop signal (SIGINT, SIGTERM, SIGHUP) should do now, and the signal once one arrived.
 
@@ -188,8 +194,10 @@ class StopRequest:
 STOP = StopRequest()
 
 
-def memory_plan(choice, lora: LoraSettings, options: TrainOptions):
-    """The run's memory plan on this machine (or the --gpu-memory budget), and settings that would fit when it does not."""
+def memory_plan(choice, lora: LoraSettings, options: TrainOptions, *, rent: bool = False, inference: bool = False):
+    """The run's memory plan on this machine (or the --gpu-memory / --host-memory budgets), and settings that
+    would fit when it does not. rent: on a machine without a GPU, --gpu-memory stands for a CUDA GPU about to be
+    rented (bf16, CUDA context) and --host-memory for that machine's RAM (mtg-train --plan)."""
     import psutil
 
     from mtg_core.base_models import base_config, device_and_dtype, free_memory
@@ -199,14 +207,24 @@ def memory_plan(choice, lora: LoraSettings, options: TrainOptions):
     config = base_config(choice)
     check_targets(lora.target_modules, meta_model(config), choice.name)  # peft would skip a wrong one silently
     device, dtype = device_and_dtype()
-    budget = free_memory(device)
-    if options.gpu_memory is not None:
-        budget = min(budget, int(options.gpu_memory * GIB))
+    compute_bytes = dtype.itemsize
     host = psutil.virtual_memory().available
+    if rent and device == "cpu" and options.gpu_memory is not None:
+        device, compute_bytes, budget = "cuda", 2, int(options.gpu_memory * GIB)  # the GPUs mtg-train targets run bf16
+        if options.host_memory is not None:
+            host = int(options.host_memory * GIB)
+    else:
+        budget = free_memory(device)
+        if options.gpu_memory is not None:
+            budget = min(budget, int(options.gpu_memory * GIB))
+        if options.host_memory is not None:
+            host = min(host, int(options.host_memory * GIB))
+    host //= local_world_size()  # every rank of a node pins its own copy of the streamed experts
 
     def plan_for(batch_size: int, seq_len: int, offload: str = options.offload_experts):
-        return plan_memory(config, lora.target_modules, lora.rank, options.quant, batch_size, seq_len, dtype.itemsize,
-                           device, budget, offload=offload, grad_accum=options.grad_accum, host_free_bytes=host)
+        return plan_memory(config, lora.target_modules, lora.rank, options.quant, batch_size, seq_len, compute_bytes,
+                           device, budget, offload=offload, grad_accum=options.grad_accum, host_free_bytes=host,
+                           training=not inference)
 
     plan = plan_for(options.batch_size, options.seq_len)
     if plan.fits:

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import MTG_TRAIN, cli_env
 from mtg_core.base_models import TINY, base_config, choose_base, load_base
 from mtg_core.cli import train_command
-from mtg_core.plan import GIB, logit_bytes, plan_memory
+from mtg_core.plan import CUDA_CONTEXT_BYTES, GIB, expert_packed_bytes, logit_bytes, plan_memory
 from mtg_core.plugins import Registry
 
 KEYS = {"weights_bytes", "lora_params", "optimizer_bytes", "activation_bytes", "total_bytes", "device_free_bytes", "fits"}
@@ -128,3 +128,86 @@ def test_planned_bytes_per_logit_are_what_the_loss_and_its_backward_hold(mixed_p
     with LiveLogitBytes(ids.numel() * config.vocab_size) as live:
         forward(input_ids=ids, labels=ids).loss.backward()
     assert live.peak == ids.numel() * config.vocab_size * logit_bytes(2 if mixed_precision else 4) == ids.numel() * config.vocab_size * 12
+
+
+MIXTRAL_RENT = ["--expert", "explain", "--base-model", "mixtral-8x7b", "--plan", "--json", "--batch-size", "1", "--seq-len", "512"]
+
+
+def test_without_a_gpu_gpu_memory_plans_the_cuda_card_to_rent(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this test's machine has no GPU, whatever runs it
+    result = CliRunner().invoke(train_command, [*MIXTRAL_RENT, "--gpu-memory", "8", "--host-memory", "64"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert plan["device"] == "cuda" and plan["overhead_bytes"] == CUDA_CONTEXT_BYTES
+    assert plan["device_free_bytes"] == 8 * GIB and plan["host_free_bytes"] == 64 * GIB
+    config = base_config(choose_base("mixtral-8x7b"))
+    assert plan["logits_bytes"] == 512 * config.vocab_size * logit_bytes(2)  # bf16, not the CPU's fp32
+    assert plan["fits"] and plan["offloaded_layers"] == 32 and plan["expert_chunk"] == 2  # the seed's 8 GB card
+    small_host = CliRunner().invoke(train_command, [*MIXTRAL_RENT, "--gpu-memory", "8", "--host-memory", "16"])
+    assert small_host.exit_code == 1 and not json.loads(small_host.output)["fits"]  # 21 GiB of experts to pin
+    text = CliRunner().invoke(train_command, [a for a in MIXTRAL_RENT if a != "--json"] + ["--gpu-memory", "12", "--host-memory", "64"])
+    assert "no GPU here: planned for a CUDA GPU of 12 GiB in bf16, host RAM from --host-memory" in text.output
+
+
+def test_host_memory_caps_what_a_run_on_this_machine_may_pin():
+    import psutil
+
+    from mtg_core.train import TrainOptions, memory_plan
+
+    lora = Registry.discover().lora_settings(Registry.discover().expert("explain"))
+    plan, _ = memory_plan(choose_base(TINY), lora, TrainOptions(host_memory=0.5))
+    assert plan.host_free_bytes == min(GIB // 2, psutil.virtual_memory().available)
+    bad = subprocess.run([*MTG_TRAIN, "--expert", "explain", "--plan", "--host-memory", "nan"], env=cli_env(), capture_output=True, text=True)
+    assert bad.returncode == 2 and "--host-memory" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_inference_plans_without_gradients_optimizer_or_checkpoints():
+    config = base_config(choose_base("mixtral-8x7b"))
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3")
+    for budget in (12, 16, 24, 32):
+        train, infer = (plan_memory(config, targets, 16, "nf4", 1, 512, 2, "cuda", budget * GIB, offload="auto", training=training)
+                        for training in (True, False))
+        assert infer.offloaded_layers <= train.offloaded_layers
+        assert infer.gradient_bytes == infer.optimizer_bytes == 0 < train.gradient_bytes
+        assert infer.lora_bytes == train.lora_bytes and infer.activation_bytes < train.activation_bytes
+        assert infer.dequantized_bytes * 3 == train.dequantized_bytes * 2  # one group at a time, none kept for backward
+    assert plan_memory(config, targets, 16, "nf4", 1, 512, 2, "cuda", 24 * GIB, offload="auto", training=False).offloaded_layers \
+        < plan_memory(config, targets, 16, "nf4", 1, 512, 2, "cuda", 24 * GIB, offload="auto").offloaded_layers
+    streamed = plan_memory(config, targets, 16, "nf4", 1, 512, 2, "cuda", 16 * GIB, offload="all", training=False)
+    assert streamed.transfer_bytes_per_step == 32 * expert_packed_bytes(config)  # every layer once per forward pass
+
+
+def test_eval_and_ask_plan_inference(monkeypatch):
+    import mtg_core.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_memory_plans", lambda choice, experts, loras, options, inference=False: seen.append((options, inference)) or [])
+    registry = Registry.discover()
+    cli._inference_plans(registry, [registry.expert("explain")], choose_base(TINY), "nf4", "auto", 8.0, 32.0, 256)
+    options, inference = seen[0]
+    assert inference and options.batch_size == 1 and options.seq_len == 256
+    assert options.gpu_memory == 8.0 and options.host_memory == 32.0
+
+
+def test_eval_plans_its_held_out_batch(monkeypatch, tmp_path):
+    import mtg_core.cli as cli
+    import mtg_core.evaluate
+    from mtg_core.evaluate import heldout_data
+
+    class Planned(Exception):
+        pass
+
+    def plans(*args):
+        raise Planned(args)
+
+    monkeypatch.setattr(cli, "_base_for", lambda adapters, experts, base_model: choose_base(TINY))
+    monkeypatch.setattr(mtg_core.evaluate, "check_adapter", lambda *args: None)
+    monkeypatch.setattr(cli, "_inference_plans", plans)
+    result = CliRunner().invoke(cli.eval_command, ["--expert", "explain", "--adapters", str(tmp_path), "--seq-len", "256",
+                                                   "--gpu-memory", "8", "--host-memory", "32"])
+    assert isinstance(result.exception, Planned), result.output
+    registry = Registry.discover()
+    from mtg_core.base_models import load_tokenizer
+
+    rows = len(heldout_data(load_tokenizer(choose_base(TINY)), registry, registry.expert("explain"), 256).rows)
+    assert result.exception.args[0][-4:] == (8.0, 32.0, 256, rows) and rows > 1

@@ -11,6 +11,7 @@ share their input, so their A's are one GEMM); SiLU x up; the routing-weight pro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -236,6 +237,61 @@ class FrozenGroupedLinear(torch.autograd.Function):
         return grouped_mm(grad_out.contiguous(), weight, ctx.ends), None, None, None
 
 
+class ChunkedFrozenGroupedLinear(torch.autograd.Function):
+    """FrozenGroupedLinear `chunk` experts at a time: each chunk is dequantised, multiplied (the same grouped GEMM
+    over its experts' rows) and dropped before the next, and backward dequantises them again instead of keeping
+    them, so at most one chunk's dequantised weights are alive (plan.dequantized_bytes). `reload` enters what
+    makes the packed data readable again in backward (a streamed layer's staging buffer). The chunks' row ranges
+    come from the host copy of `ends`: one host sync per layer, the price of bounding the dequantised bytes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, ends, groups, chunk, reload, dequantised=None):
+        out = _by_chunks(x, ends, groups, chunk, forward=True)
+        if dequantised is not None:
+            dequantised()
+        ctx.ends, ctx.groups, ctx.chunk, ctx.reload = ends, groups, chunk, reload
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        with ctx.reload():
+            grad = _by_chunks(grad_out.contiguous(), ctx.ends, ctx.groups, ctx.chunk, forward=False)
+        return grad, None, None, None, None, None
+
+
+def _by_chunks(x: torch.Tensor, ends: Ends, groups, chunk: int, forward: bool) -> torch.Tensor:
+    """x @ W_e.T (forward) or x @ W_e (backward) for every expert, dequantising `chunk` experts at a time."""
+    bounds = [0, *ends.host()]
+    rows, cols = _group_shape(groups[0])
+    parts = []
+    for first in range(0, len(groups), chunk):
+        last = min(first + chunk, len(groups))
+        start, stop = bounds[first], bounds[last]
+        if start == stop:  # no token routed to these experts: nothing to dequantise
+            parts.append(x.new_empty(0, rows if forward else cols))
+            continue
+        part = Ends(ends.device[first:last] - start)
+        part._host = [end - start for end in bounds[first + 1 : last + 1]]
+        weight = stacked_frozen_weights(groups[first:last], x.dtype)
+        parts.append(grouped_mm(x[start:stop], weight.transpose(1, 2) if forward else weight, part))
+        del weight  # before the next chunk is dequantised
+    return torch.cat(parts)
+
+
+def _group_shape(group) -> tuple[int, int]:
+    """(out, in) of one expert's stacked group (w1 and w3 concatenated along out, or w2)."""
+    shapes = [_matrix_shape(weight) for weight in _weights(group)]
+    return sum(shape[0] for shape in shapes), shapes[0][1]
+
+
+def frozen_grouped_linear(x, ends, groups, chunk: int | None, reload, dequantised=None):
+    """FrozenGroupedLinear, or ChunkedFrozenGroupedLinear when `chunk` is fewer experts than there are."""
+    if chunk is None or chunk >= len(groups):
+        return FrozenGroupedLinear.apply(x, ends, groups, dequantised)
+    return ChunkedFrozenGroupedLinear.apply(x, ends, groups, chunk, reload, dequantised)
+
+
 KINDS = ("w1", "w3", "w2")
 
 
@@ -329,7 +385,9 @@ def lora_terms(x: torch.Tensor, ends: Ends, kinds, adapter: str) -> list[torch.T
 def grouped_experts_forward(experts, adapters, hidden_states, top_k_index, top_k_weights, release=None) -> torch.Tensor:
     """What transformers' MixtralExperts computes, with `experts` a list of ExpertMLP (w1, w3, w2).
 
-    `release` (streamed experts) is called once the packed weights are read for the last time: after w2's dequantisation."""
+    `release` (streamed experts) is called once the forward has read the packed weights for the last time: after w2's
+    dequantisation. With `experts.chunk` set, the frozen weights are dequantised that many experts at a time
+    (ChunkedFrozenGroupedLinear); backward reloads a streamed layer's packed experts to dequantise them again."""
     top_k = top_k_index.shape[1]
     with torch.no_grad():  # searchsorted, not bincount: CUDA's bincount reads its input's maximum on the host
         routed, order = top_k_index.reshape(-1).sort(stable=True)
@@ -337,15 +395,25 @@ def grouped_experts_forward(experts, adapters, hidden_states, top_k_index, top_k
         token = order // top_k
     x = hidden_states.index_select(0, token)
     w1, w3, w2 = ([getattr(expert, name) for expert in experts] for name in ("w1", "w3", "w2"))
-    gate, up = FrozenGroupedLinear.apply(x, ends, list(zip(w1, w3))).chunk(2, dim=-1)
+    chunk, reload = experts.chunk, _reloader(experts)
+    gate, up = frozen_grouped_linear(x, ends, list(zip(w1, w3)), chunk, reload).chunk(2, dim=-1)
     for adapter in adapters:
         gate_term, up_term = lora_terms(x, ends, [w1, w3], adapter)
         gate = torch.add(gate, gate_term, alpha=w1[0].scaling[adapter])
         up = torch.add(up, up_term, alpha=w3[0].scaling[adapter])
     h = experts[0].act_fn(gate) * up
-    y = FrozenGroupedLinear.apply(h, ends, [(layer,) for layer in w2], release)
+    y = frozen_grouped_linear(h, ends, [(layer,) for layer in w2], chunk, reload, release)
     for adapter in adapters:
         (down_term,) = lora_terms(h, ends, [w2], adapter)
         y = torch.add(y, down_term, alpha=w2[0].scaling[adapter])
     y = y * top_k_weights.reshape(-1, 1).index_select(0, order)
     return torch.zeros_like(hidden_states).index_add_(0, token, y.to(hidden_states.dtype))
+
+
+def _reloader(experts):
+    """What makes a layer's packed experts readable again in backward: a streamed layer's staging buffer
+    (without a prefetch: backward's order is not the one the streamer predicts), nothing for resident ones."""
+    if experts.stream is None:
+        return contextlib.nullcontext
+    streamer, position = experts.stream
+    return lambda: streamer.loaded(position, prefetch=False)

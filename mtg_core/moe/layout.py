@@ -46,6 +46,7 @@ class LinearExperts(nn.ModuleList):
     grouped = True  # tests and benchmarks turn it off to compare against the reference loop
     stream = None  # (ExpertStreamer, position) when the packed experts live in host memory (moe.streaming)
     packed = False  # resident NF4 experts laid out back to back (moe.streaming.pack_contiguously) on first use: done
+    chunk = None  # experts dequantised at a time by the grouped path (the memory plan's expert_chunk); None: all
 
     def __init__(self, config: MixtralConfig, experts: int | None = None) -> None:
         super().__init__(ExpertMLP(config) for _ in range(config.num_local_experts if experts is None else experts))

@@ -31,9 +31,7 @@ import attrs
 import torch
 
 from mtg_core.errors import BaseModelError
-from mtg_core.plan import pinned_bytes
-
-STAGING_BUFFERS = 2
+from mtg_core.plan import STAGING_BUFFERS, pinned_bytes
 
 
 @attrs.define(eq=False)
@@ -74,16 +72,18 @@ class ExpertStreamer:
                 param.data = self.placeholder
 
     @contextmanager
-    def loaded(self, position: int):
+    def loaded(self, position: int, prefetch: bool = True):
         """Within the block the layer's Params4bit hold views of a staging buffer with its packed experts.
 
         Yields `release`, which the grouped path calls right after its last dequantisation reads the
-        buffer (w2's): from then on the next copy into it may run, overlapping the layer's GEMMs."""
+        buffer (w2's): from then on the next copy into it may run, overlapping the layer's GEMMs.
+        prefetch=False: no copy of the predicted next layer (the chunked path's backward reloads a layer
+        outside the predicted order)."""
         slot = self._acquire(position)
         for param, offset, shape in self.layers[position].params:
             param.data = slot.buffer[offset : offset + shape.numel()].view(shape)
         nxt = self._predict(position)
-        if nxt != position and not any(s.layer == nxt for s in self.slots):
+        if prefetch and nxt != position and not any(s.layer == nxt for s in self.slots):
             self._copy(nxt, self._victim(keep=slot), "prefetch")
         released = []
 
@@ -212,6 +212,15 @@ def attach(model, layers: list[StreamedLayer]) -> ExpertStreamer:
         experts.stream = (streamer, position)
     model.expert_streamer = streamer
     return streamer
+
+
+def set_expert_chunk(model, chunk: int | None) -> None:
+    """Dequantise every MoE layer's experts `chunk` at a time (the memory plan's expert_chunk; None: the whole layer)."""
+    from mtg_core.moe.layout import LinearExperts
+
+    for module in model.modules():
+        if isinstance(module, LinearExperts):
+            module.chunk = chunk
 
 
 def packing_order(experts) -> list:
