@@ -8,16 +8,15 @@ import os
 import shutil
 import signal
 import sys
-import traceback
-from contextlib import contextmanager
 from pathlib import Path
 
 import attrs
 import click
 
+from mtg_core.commands.exits import OneLineCommand, StopNow, reported_errors, stop_on_signals, survive_closed_stderr
 from mtg_core.errors import ConfigError, MtgError
 from mtg_core.listing import expert_rows, print_table, refuse_problems
-from mtg_core.options import SEED, TEXT, BaseModelName, FiniteFloat, OneLineCommand, ShellPath, count, read_config
+from mtg_core.options import SEED, TEXT, BaseModelName, FiniteFloat, ShellPath, count, read_config
 from mtg_core.plan import OFFLOAD_CHOICES
 from mtg_core.plugins import ALLOW_LIST_ENV, Registry
 
@@ -85,7 +84,7 @@ def _setup_logging(output_dir: Path) -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def train_command(expert, all_experts, list_experts, plan_only, as_json, strict, base_model, data, output_dir, resume, force, eval_after, debug, **hyper):
     """Train MTG reasoning-mode LoRA experts (QLoRA on Mixtral, or the embedded tiny Mixtral on a CPU)."""
-    with _reported_errors(debug):
+    with reported_errors(debug):
         registry = Registry.discover()
         if list_experts:
             rows = expert_rows(registry)
@@ -96,114 +95,19 @@ def train_command(expert, all_experts, list_experts, plan_only, as_json, strict,
         if plan_only:
             _plan(registry, expert, all_experts, base_model, hyper, as_json)
             return
-        _survive_closed_stderr()
+        survive_closed_stderr()
         try:
-            with _stop_on_signals():
+            with stop_on_signals():
                 _train(registry, expert, all_experts, base_model, data, output_dir, hyper, resume, force, eval_after)
         except KeyboardInterrupt:
             if debug:
                 raise
             click.echo("aborted: second Ctrl-C; any earlier adapter is untouched, checkpoints so far are kept for --resume", err=True)
             sys.exit(130)
-        except _StopNow as stop:
+        except StopNow as stop:
             click.echo(f"interrupted: stopped by {signal.Signals(stop.signum).name} outside a training step; nothing was "
                        "half-written (adapters finished before it are installed, earlier ones untouched)", err=True)
             sys.exit(128 + stop.signum)
-
-
-@contextmanager
-def _reported_errors(debug: bool = False):
-    """The project's errors end the command with their one-line message and exit code (--debug: with the traceback).
-
-    OSError is the last resort for a file problem no check foresaw: still one line, naming the file.
-    """
-    try:
-        yield
-    except BrokenPipeError:
-        raise  # stdout's reader went away (`| head`): OneLineCommand ends quietly
-    except (MtgError, OSError) as exc:
-        if debug:
-            traceback.print_exc()
-        if isinstance(exc, MtgError):
-            click.echo(f"{exc.label}: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        where = f"{exc.filename}: " if exc.filename else ""
-        click.echo(f"error: {where}{exc.strerror or exc}; check that it exists and is readable/writable (--debug shows where)", err=True)
-        sys.exit(2)
-
-
-class _StopNow(BaseException):
-    """A stop signal outside a training step: unwinds at once. A BaseException, like KeyboardInterrupt, so that
-    no library's `except Exception` swallows it while a model loads or a file is read."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the SSH session or terminal closed
-
-
-@contextmanager
-def _stop_on_signals():
-    """Before training: stop at once. During a step: finish it, checkpoint, exit 128 + signal (second Ctrl-C: at once).
-    While an adapter is being saved: finish saving, then stop."""
-    from mtg_core.train import STOP
-
-    def request_stop(signum, frame):
-        if STOP.phase == "setup":
-            raise _StopNow(signum)
-        if STOP.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        STOP.signum = signum
-        log.warning("%s received: %s (Ctrl-C again to abort)", signal.Signals(signum).name,
-                    "stopping after this step and writing a checkpoint" if STOP.phase == "training" else "stopping once the adapter is saved")
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
-    STOP.signum, STOP.phase = None, "setup"
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-class _StderrWithoutReader:
-    """sys.stderr that survives its reader going away (closed SSH session, `2>&1 | head`): the first failed write
-    points fd 2 at /dev/null and training goes on; training_log.txt keeps every line. Python has no such mode."""
-
-    def __init__(self, stream) -> None:
-        self._stream = stream
-
-    def _detach(self) -> None:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self._stream.fileno())
-        os.close(devnull)
-
-    def write(self, text: str) -> int:
-        try:
-            return self._stream.write(text)
-        except (BrokenPipeError, ConnectionResetError):
-            self._detach()
-            return len(text)
-
-    def flush(self) -> None:
-        try:
-            self._stream.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            self._detach()
-
-    def __getattr__(self, name: str):
-        return getattr(self._stream, name)
-
-
-def _survive_closed_stderr() -> None:
-    try:
-        sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
-        return  # not a real file (e.g. captured by a test runner): nothing can break
-    if not isinstance(sys.stderr, _StderrWithoutReader):
-        sys.stderr = _StderrWithoutReader(sys.stderr)
 
 
 def _selected(registry: Registry, name, all_experts) -> list:
@@ -366,7 +270,7 @@ def new_expert_command(name, description, dest):
     """Create mtg_expert_NAME/, a new expert package to edit, test and `pip install`."""
     from mtg_core.scaffold import clash_warning, next_steps, scaffold
 
-    with _reported_errors():
+    with reported_errors():
         target = Path(dest) / f"mtg_expert_{name}"
         existed = target.exists()
         try:
@@ -456,7 +360,7 @@ def run_eval(registry: Registry, experts: list, adapters: Path, choice, base, ma
 def eval_command(expert, all_experts, base_model, adapters, max_new_tokens, seq_len, quant, offload_experts, gpu_memory, host_memory,
                  no_fail, debug):
     """Verify adapters: held-out loss and greedy answers to each expert's evaluation prompts, base vs adapter."""
-    with _reported_errors(debug):
+    with reported_errors(debug):
         registry = Registry.discover()
         experts = _selected(registry, expert, all_experts)
         adapters = Path(adapters)
@@ -491,7 +395,7 @@ def eval_command(expert, all_experts, base_model, adapters, max_new_tokens, seq_
 def ask_command(question, expert, interactive, base_model, adapters, max_new_tokens, quant, offload_experts, gpu_memory, host_memory,
                 debug):
     """Answer an MTG question with a trained expert; --interactive keeps every adapter on one loaded base."""
-    with _reported_errors(debug):
+    with reported_errors(debug):
         _ask(question, expert, interactive, base_model, Path(adapters), max_new_tokens, quant, offload_experts, gpu_memory, host_memory)
 
 

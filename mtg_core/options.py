@@ -1,14 +1,12 @@
-"""What every command accepts, checked before anything loads: click types for numbers, paths and text, the
---config file, and one line for every usage mistake (click's own usage errors take four)."""
+"""What every command accepts, checked before anything loads: click types for numbers, paths and text, and the
+--config file. How a command reports a usage mistake in one line: mtg_core.commands.exits."""
 
 from __future__ import annotations
 
 import math
 import os
 import re
-import sys
 import tomllib
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -83,60 +81,6 @@ class Text(click.types.StringParamType):
 
 
 TEXT = Text()
-
-
-@contextmanager
-def _quiet_broken_pipe():
-    try:
-        yield
-    except BrokenPipeError:
-        # Python would still flush stdout at exit and print "Exception ignored ... BrokenPipeError".
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        sys.exit(141)
-
-
-class OneLineCommand(click.Command):
-    """click prints its usage errors (bad option values, unknown options) on four lines; ours are one line, exit 2.
-
-    A broken stdout pipe (`mtg-eval | head -1`) ends the command quietly, as for other tools (exit 141: SIGPIPE)."""
-
-    def main(self, args=None, prog_name=None, standalone_mode=True, **extra):
-        try:
-            rv = super().main(args, prog_name, standalone_mode=False, **extra)
-        except click.ClickException as exc:
-            message = exc.format_message()
-            click.echo(f"error: {message[:1].lower()}{message[1:]} (see --help)", err=True)
-            sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("aborted", err=True)
-            sys.exit(130)
-        if not standalone_mode:
-            return rv
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-    # click answers a broken pipe with exit 1; tools killed by SIGPIPE exit 141. Help is printed while the context is made.
-    def make_context(self, *args, **kwargs):
-        with _quiet_broken_pipe():
-            return super().make_context(*args, **kwargs)
-
-    def invoke(self, ctx):
-        with _quiet_broken_pipe():
-            return super().invoke(ctx)
-
-    def parse_args(self, ctx, args):
-        """An option given twice would silently keep the last value (`--expert a --expert b`): refused."""
-        if not ctx.resilient_parsing:
-            _, _, order = self.make_parser(ctx).parse_args(args=list(args))
-            seen = set()
-            for param in order:
-                if isinstance(param, click.Option) and not (param.multiple or param.count or param.is_flag):
-                    if param.name in seen:
-                        name = max(param.opts, key=len)  # --expert, not -e
-                        raise click.UsageError(f"{name} is given more than once; give it once")
-                    seen.add(param.name)
-        return super().parse_args(ctx, args)
 
 
 def _config_options(command: click.Command) -> dict[str, click.Option]:

@@ -341,15 +341,53 @@ def _versions() -> dict[str, str]:
 def train_expert(base, registry: Registry, run: PreparedRun, plan, options: TrainOptions, output_dir: Path) -> dict:
     """Train one expert's LoRA on `base.model`, write DIR/<expert>/ atomically, and leave the base LoRA-free.
 
-    `plan` is the memory plan made before the base loaded (the one that chose the streamed layers)."""
+    `plan` is the memory plan made before the base loaded (the one that chose the streamed layers).
+    The recipe: set up (LoRA, work folder, Trainer), train, save the adapter and its record, install it."""
+    expert = run.expert
+    model = _add_lora(base, run, options)
+    log.info("%s: memory plan %.3f GiB (weights %.3f, activations %.3f) of %.3f GiB free on %s",
+             expert.name, plan.total_bytes / 1024**3, plan.weights_bytes / 1024**3, plan.activation_bytes / 1024**3,
+             plan.device_free_bytes / 1024**3, plan.device)
+    work = work_dir(output_dir, expert.name)
+    main_process = rank() == 0  # under torchrun only rank 0 writes checkpoints, logs and the adapter
+    final = output_dir / expert.name
+    finished = kept = False
+    try:
+        _start_work_folder(model, base, run, options, work, main_process)
+        trainer, progress = _make_trainer(model, base, registry, run, options, work)
+        result, wall, copies = _train(trainer, progress, base, run, plan, options, work)
+        if not main_process:
+            finished = True
+            return {}
+        meta = _record(trainer, result, wall, copies, base, registry, run, plan, options)
+        new = _save_adapter(model, base, meta, work)
+        if final.exists() or final.is_symlink():
+            reason = is_ours(final, expert.name)  # checked before training too; the user may have added files since
+            if reason:
+                kept = True
+                raise OutputError(f"{final} {reason}, so it was not replaced; the new adapter is complete in {new}: move it where you want it")
+        try:
+            install(new, final)
+        except OSError as exc:
+            raise OutputError(f"{final}: cannot be replaced ({exc.strerror}); it is unchanged and the new adapter was discarded") from None
+        finished = True
+        _log_installed(meta, base, plan, final, wall)
+        return meta
+    finally:
+        # A run that checkpointed keeps its work folder for --resume; anything else leaves no trace.
+        checkpointed = any((c / "trainer_state.json").is_file() for c in checkpoints(work))
+        if main_process and not kept and marker(work) is not None and (finished or not checkpointed):
+            shutil.rmtree(work, ignore_errors=True)
+        base.model = model.unload()  # the next expert of --all starts from the same, untouched base
+
+
+def _add_lora(base, run: PreparedRun, options: TrainOptions):
+    """`base.model` wrapped by peft with the expert's LoRA (the base itself is restored by `unload`)."""
     import torch
-    from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, ProgressCallback, TrainingArguments
 
     from mtg_core.moe.dropout import use_lora_dropout
 
-    expert, data = run.expert, run.data
     lora_config = LoraConfig(
         r=run.lora.rank,
         lora_alpha=run.lora.alpha,
@@ -366,176 +404,188 @@ def train_expert(base, registry: Registry, run: PreparedRun, plan, options: Trai
     use_lora_dropout(model)  # torch's CPU dropout cost a quarter of each forward + backward (docs/performance.md)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("%s: LoRA rank %d alpha %g dropout %g on %s: %d trainable of %d parameters",
-             expert.name, run.lora.rank, run.lora.alpha, run.lora.dropout, ",".join(run.lora.target_modules), trainable, total)
+             run.expert.name, run.lora.rank, run.lora.alpha, run.lora.dropout, ",".join(run.lora.target_modules), trainable, total)
+    return model
 
-    log.info("%s: memory plan %.3f GiB (weights %.3f, activations %.3f) of %.3f GiB free on %s",
-             expert.name, plan.total_bytes / 1024**3, plan.weights_bytes / 1024**3, plan.activation_bytes / 1024**3,
-             plan.device_free_bytes / 1024**3, plan.device)
-    cuda = base.device == "cuda"
-    work = work_dir(output_dir, expert.name)
-    main_process = rank() == 0  # under torchrun only rank 0 writes checkpoints, logs and the adapter
-    final = output_dir / expert.name
-    finished = kept = False
+
+def _start_work_folder(model, base, run: PreparedRun, options: TrainOptions, work: Path, main_process: bool) -> None:
+    """Check a checkpoint to resume against the model, then make the work folder and its run.json (rank 0 only)."""
+    if run.resume_from:
+        _check_checkpoint_shapes(model, run.resume_from)
+    if main_process:  # other ranks write nothing (the Trainer saves on rank 0)
+        with _write_errors(f"{work}", "the previous adapter is unchanged"):
+            ensure_own_dir(work, f"the work folder of an mtg-train run of {run.expert.name}")
+            replace_file(work / "run.json", json.dumps(run_identity(run, options, base.choice.identity), indent=2))
+
+
+def _make_trainer(model, base, registry: Registry, run: PreparedRun, options: TrainOptions, work: Path):
+    """The Trainer of this run and its progress bar: the seed's QLoRA settings, checkpoints into `work`."""
+    import torch
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, ProgressCallback, TrainingArguments
+
+    expert, cuda = run.expert, base.device == "cuda"
+    log.info("%s: global batch %d = %d per device x %d accumulation x %d processes", expert.name,
+             options.batch_size * options.grad_accum * world_size(), options.batch_size, options.grad_accum, world_size())
+    args = TrainingArguments(
+        output_dir=str(work),
+        num_train_epochs=options.epochs,
+        max_steps=options.max_steps or -1,
+        per_device_train_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum,
+        learning_rate=options.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        # Paged 8-bit AdamW (QLoRA's) on CUDA; on the CPU bitsandbytes has no paging and says so on every run.
+        optim="paged_adamw_8bit" if cuda else "adamw_bnb_8bit",
+        activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        bf16=base.compute_dtype == "bfloat16",
+        use_cpu=not cuda,
+        seed=options.seed,
+        data_seed=options.seed,
+        logging_steps=1,
+        save_strategy="steps" if options.save_steps else "no",
+        save_steps=options.save_steps or 500,
+        save_total_limit=KEPT_CHECKPOINTS,
+        report_to=["tensorboard"],
+        dataloader_pin_memory=cuda,
+    )
+    MemoryLoggingTrainer, own_callbacks, ProgressBarOnly = _trainer_classes()
+    optimizer_cls, optimizer_kwargs = MemoryLoggingTrainer.get_optimizer_cls_and_kwargs(args)
+    trainer = MemoryLoggingTrainer(
+        model=model,
+        args=args,
+        optimizer_cls_and_kwargs=(one_sync_per_step(optimizer_cls), optimizer_kwargs),  # one host sync per step (mtg_core.optim)
+        train_dataset=Dataset.from_list(run.data.rows),
+        data_collator=DataCollatorForSeq2Seq(base.tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[*own_callbacks, *registry.trainer_callbacks(expert)],
+    )
+    trainer.remove_callback(ProgressCallback)
+    progress = ProgressBarOnly()
+    trainer.add_callback(progress)
+    if cuda:
+        from mtg_core.device_memory import DevicePeak
+
+        torch.cuda.reset_peak_memory_stats()
+        trainer.device_peak = DevicePeak(base.model.device)  # paged optimizer state is outside torch's allocator
+    return trainer, progress
+
+
+def _train(trainer, progress, base, run: PreparedRun, plan, options: TrainOptions, work: Path):
+    """Run the Trainer: its result, the wall time and the streamed layers' copies (None without streaming); a stop
+    signal ends here with a checkpoint to continue from."""
+    import torch
+
+    expert = run.expert
+    if run.resume_from:
+        log.info("%s: resumed from step %d (%s)", expert.name, step_of(run.resume_from), run.resume_from)
+    streamer = getattr(base.model, "expert_streamer", None)
+    copies_before = streamer.copies if streamer else 0
+    started = time.perf_counter()
+    STOP.phase = "training"
     try:
-        if run.resume_from:
-            _check_checkpoint_shapes(model, run.resume_from)
-        if main_process:  # other ranks write nothing (the Trainer saves on rank 0)
-            with _write_errors(f"{work}", "the previous adapter is unchanged"):
-                ensure_own_dir(work, f"the work folder of an mtg-train run of {expert.name}")
-                replace_file(work / "run.json", json.dumps(run_identity(run, options, base.choice.identity), indent=2))
-        log.info("%s: global batch %d = %d per device x %d accumulation x %d processes", expert.name,
-                 options.batch_size * options.grad_accum * world_size(), options.batch_size, options.grad_accum, world_size())
-        args = TrainingArguments(
-            output_dir=str(work),
-            num_train_epochs=options.epochs,
-            max_steps=options.max_steps or -1,
-            per_device_train_batch_size=options.batch_size,
-            gradient_accumulation_steps=options.grad_accum,
-            learning_rate=options.lr,
-            lr_scheduler_type="cosine",
-            warmup_steps=0.03,
-            # Paged 8-bit AdamW (QLoRA's) on CUDA; on the CPU bitsandbytes has no paging and says so on every run.
-            optim="paged_adamw_8bit" if cuda else "adamw_bnb_8bit",
-            activation_checkpointing=True,
-            activation_checkpointing_kwargs={"use_reentrant": False},
-            bf16=base.compute_dtype == "bfloat16",
-            use_cpu=not cuda,
-            seed=options.seed,
-            data_seed=options.seed,
-            logging_steps=1,
-            save_strategy="steps" if options.save_steps else "no",
-            save_steps=options.save_steps or 500,
-            save_total_limit=KEPT_CHECKPOINTS,
-            report_to=["tensorboard"],
-            dataloader_pin_memory=cuda,
-        )
-        MemoryLoggingTrainer, own_callbacks, ProgressBarOnly = _trainer_classes()
-        optimizer_cls, optimizer_kwargs = MemoryLoggingTrainer.get_optimizer_cls_and_kwargs(args)
-        trainer = MemoryLoggingTrainer(
-            model=model,
-            args=args,
-            optimizer_cls_and_kwargs=(one_sync_per_step(optimizer_cls), optimizer_kwargs),  # one host sync per step (mtg_core.optim)
-            train_dataset=Dataset.from_list(data.rows),
-            data_collator=DataCollatorForSeq2Seq(base.tokenizer, padding=True, label_pad_token_id=-100),
-            callbacks=[*own_callbacks, *registry.trainer_callbacks(expert)],
-        )
-        trainer.remove_callback(ProgressCallback)
-        progress = ProgressBarOnly()
-        trainer.add_callback(progress)
-        if cuda:
-            from mtg_core.device_memory import DevicePeak
-
-            torch.cuda.reset_peak_memory_stats()
-            trainer.device_peak = DevicePeak(base.model.device)  # paged optimizer state is outside torch's allocator
-        if run.resume_from:
-            log.info("%s: resumed from step %d (%s)", expert.name, step_of(run.resume_from), run.resume_from)
-        streamer = getattr(base.model, "expert_streamer", None)
-        copies_before = streamer.copies if streamer else 0
-        started = time.perf_counter()
-        STOP.phase = "training"
-        try:
-            with _write_errors(f"a checkpoint in {work}", "the previous adapter is unchanged"):
-                result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
-        except torch.OutOfMemoryError:
-            raise OutOfMemory(
-                f"out of GPU memory at step {trainer.state.global_step} (planned {plan.total_bytes / 1024**3:.2f} GiB of "
-                f"{plan.device_free_bytes / 1024**3:.2f} GiB free; {memory_stats()}); see mtg-train --plan; lower --batch-size "
-                f"(now {options.batch_size}, raise --grad-accum to keep the batch) or --seq-len (now {options.seq_len})"
-            ) from None
-        finally:
-            STOP.phase = "saving"
-            if getattr(progress, "training_bar", None) is not None:
-                progress.training_bar.close()  # before any error line, not after it
-                progress.training_bar = None
-        wall = time.perf_counter() - started
-        if STOP.signum is not None:
-            checkpoint, _ = resumable_checkpoint(work)
-            raise TrainingInterrupted(
-                STOP.signum,
-                f"stopped by {signal.Signals(STOP.signum).name} at step {trainer.state.global_step}; checkpoint in "
-                f"{checkpoint}; continue with: {continue_command()}",
-            )
-        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        if not main_process:
-            finished = True
-            return {}
-        new = work / "adapter"
-        # Dropout only acts while training (training_meta.json keeps the value used). Saved as 0 because
-        # peft maps per-expert LoRA onto transformers 5's fused experts with ParamWrapper, which refuses
-        # dropout != 0: with it, the adapter would not load with plain peft on the stock Mixtral.
-        model.peft_config["default"].lora_dropout = 0.0
-        # The base by name (preset or hub id), not by this machine's cache path: the adapter stays valid elsewhere.
-        model.peft_config["default"].base_model_name_or_path = base.choice.identity
-        meta = {
-            "expert": expert.name,
-            "plugin": {"name": expert.plugin, "distribution": expert.distribution, "version": expert.version},
-            "base_model": {"name": base.choice.name, "id": base.choice.identity, "location": base.choice.location,
-                           **({"fingerprint": base.choice.fingerprint} if base.choice.fingerprint else {})},
-            "hyperparameters": {**attrs.asdict(options), **attrs.asdict(run.lora), "target_modules": list(run.lora.target_modules)},
-            "data": {
-                "path": str(run.data_path),
-                "sha256": run.data_sha256,
-                "examples": len(data.rows),
-                "truncated": data.truncated,
-                "untrained": data.untrained,
-                "answer_tokens": data.trained_tokens,
-            },
-            "resumed_from_step": step_of(run.resume_from) if run.resume_from else None,
-            "steps": trainer.state.global_step,
-            "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None,
-            "train_loss": result.training_loss,
-            "wall_time_s": round(wall, 2),
-            "peak_memory": {
-                "rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 4),
-                **({"cuda_peak_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 4),
-                    "cuda_peak_with_outside_allocator_gib": round(trainer.device_peak.peak() / 1024**3, 4)} if cuda else {}),
-            },
-            "memory_plan": plan.as_dict(),
-            "skipped_plugins": registry.skipped_for(expert.name),
-            "cross_cutting_plugins": registry.cross_cutting(expert),
-            "plugin_callbacks": registry.callback_seconds(expert.name),
-            "streaming": {
-                "layers": [layer.index for layer in streamer.layers],
-                "copies": streamer.copies - copies_before,
-                "copied_bytes": (streamer.copies - copies_before) * streamer.layers[0].host.numel(),
-            } if streamer else None,
-            "quantization": attrs.asdict(base.quantization, filter=lambda a, v: a.name != "first_unquantized"),
-            "device": base.device,
-            "compute_dtype": base.compute_dtype,
-            "versions": _versions(),
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        with _write_errors(f"the new adapter in {new}", "the previous adapter is unchanged"):
-            shutil.rmtree(new, ignore_errors=True)
-            model.save_pretrained(new, save_embedding_layers=False)  # no hub lookup: embeddings are never trained here
-            shutil.move(work / "runs", new / "runs")
-            apply_umask(new)
-            meta["files"] = record_files(new)  # what is ours in the folder: anything else, or an edited file, is the user's
-            write_new(new / META, json.dumps(meta, indent=2) + "\n")  # written last: complete
-        if final.exists() or final.is_symlink():
-            reason = is_ours(final, expert.name)  # checked before training too; the user may have added files since
-            if reason:
-                kept = True
-                raise OutputError(f"{final} {reason}, so it was not replaced; the new adapter is complete in {new}: move it where you want it")
-        try:
-            install(new, final)
-        except OSError as exc:
-            raise OutputError(f"{final}: cannot be replaced ({exc.strerror}); it is unchanged and the new adapter was discarded") from None
-        finished = True
-        if cuda:
-            log.info("%s: peak CUDA memory %.3f GiB allocated, planned %.3f GiB; %.3f GiB with what torch's allocator does "
-                     "not see (paged optimizer state, CUDA context), planned %.3f GiB", expert.name, meta["peak_memory"]["cuda_peak_gib"],
-                     (plan.total_bytes - plan.overhead_bytes) / 1024**3, meta["peak_memory"]["cuda_peak_with_outside_allocator_gib"],
-                     plan.total_bytes / 1024**3)
-        log.info("%s: adapter saved to %s (loss %.4f -> %.4f in %.1fs)", expert.name, final, meta["first_loss"], meta["final_loss"], wall)
-        return meta
+        with _write_errors(f"a checkpoint in {work}", "the previous adapter is unchanged"):
+            result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    except torch.OutOfMemoryError:
+        raise OutOfMemory(
+            f"out of GPU memory at step {trainer.state.global_step} (planned {plan.total_bytes / 1024**3:.2f} GiB of "
+            f"{plan.device_free_bytes / 1024**3:.2f} GiB free; {memory_stats()}); see mtg-train --plan; lower --batch-size "
+            f"(now {options.batch_size}, raise --grad-accum to keep the batch) or --seq-len (now {options.seq_len})"
+        ) from None
     finally:
-        # A run that checkpointed keeps its work folder for --resume; anything else leaves no trace.
-        checkpointed = any((c / "trainer_state.json").is_file() for c in checkpoints(work))
-        if main_process and not kept and marker(work) is not None and (finished or not checkpointed):
-            shutil.rmtree(work, ignore_errors=True)
-        base.model = model.unload()  # the next expert of --all starts from the same, untouched base
+        STOP.phase = "saving"
+        if getattr(progress, "training_bar", None) is not None:
+            progress.training_bar.close()  # before any error line, not after it
+            progress.training_bar = None
+    wall = time.perf_counter() - started
+    if STOP.signum is not None:
+        checkpoint, _ = resumable_checkpoint(work)
+        raise TrainingInterrupted(
+            STOP.signum,
+            f"stopped by {signal.Signals(STOP.signum).name} at step {trainer.state.global_step}; checkpoint in "
+            f"{checkpoint}; continue with: {continue_command()}",
+        )
+    return result, wall, streamer.copies - copies_before if streamer else None
+
+
+def _record(trainer, result, wall: float, copies: int | None, base, registry: Registry, run: PreparedRun, plan,
+            options: TrainOptions) -> dict:
+    """training_meta.json: what was trained, on what, from which data, how it went and with which versions."""
+    import torch
+
+    expert, data, cuda = run.expert, run.data, base.device == "cuda"
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    streamer = getattr(base.model, "expert_streamer", None)
+    return {
+        "expert": expert.name,
+        "plugin": {"name": expert.plugin, "distribution": expert.distribution, "version": expert.version},
+        "base_model": {"name": base.choice.name, "id": base.choice.identity, "location": base.choice.location,
+                       **({"fingerprint": base.choice.fingerprint} if base.choice.fingerprint else {})},
+        "hyperparameters": {**attrs.asdict(options), **attrs.asdict(run.lora), "target_modules": list(run.lora.target_modules)},
+        "data": {
+            "path": str(run.data_path),
+            "sha256": run.data_sha256,
+            "examples": len(data.rows),
+            "truncated": data.truncated,
+            "untrained": data.untrained,
+            "answer_tokens": data.trained_tokens,
+        },
+        "resumed_from_step": step_of(run.resume_from) if run.resume_from else None,
+        "steps": trainer.state.global_step,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "train_loss": result.training_loss,
+        "wall_time_s": round(wall, 2),
+        "peak_memory": {
+            "rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 4),
+            **({"cuda_peak_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 4),
+                "cuda_peak_with_outside_allocator_gib": round(trainer.device_peak.peak() / 1024**3, 4)} if cuda else {}),
+        },
+        "memory_plan": plan.as_dict(),
+        "skipped_plugins": registry.skipped_for(expert.name),
+        "cross_cutting_plugins": registry.cross_cutting(expert),
+        "plugin_callbacks": registry.callback_seconds(expert.name),
+        "streaming": {
+            "layers": [layer.index for layer in streamer.layers],
+            "copies": copies,
+            "copied_bytes": copies * streamer.layers[0].host.numel(),
+        } if streamer else None,
+        "quantization": attrs.asdict(base.quantization, filter=lambda a, v: a.name != "first_unquantized"),
+        "device": base.device,
+        "compute_dtype": base.compute_dtype,
+        "versions": _versions(),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _save_adapter(model, base, meta: dict, work: Path) -> Path:
+    """The finished adapter in `work`/adapter/, with its TensorBoard runs and training_meta.json (written last: complete)."""
+    new = work / "adapter"
+    # Dropout only acts while training (training_meta.json keeps the value used). Saved as 0 because
+    # peft maps per-expert LoRA onto transformers 5's fused experts with ParamWrapper, which refuses
+    # dropout != 0: with it, the adapter would not load with plain peft on the stock Mixtral.
+    model.peft_config["default"].lora_dropout = 0.0
+    # The base by name (preset or hub id), not by this machine's cache path: the adapter stays valid elsewhere.
+    model.peft_config["default"].base_model_name_or_path = base.choice.identity
+    with _write_errors(f"the new adapter in {new}", "the previous adapter is unchanged"):
+        shutil.rmtree(new, ignore_errors=True)
+        model.save_pretrained(new, save_embedding_layers=False)  # no hub lookup: embeddings are never trained here
+        shutil.move(work / "runs", new / "runs")
+        apply_umask(new)
+        meta["files"] = record_files(new)  # what is ours in the folder: anything else, or an edited file, is the user's
+        write_new(new / META, json.dumps(meta, indent=2) + "\n")  # written last: complete
+    return new
+
+
+def _log_installed(meta: dict, base, plan, final: Path, wall: float) -> None:
+    name = meta["expert"]
+    if base.device == "cuda":
+        log.info("%s: peak CUDA memory %.3f GiB allocated, planned %.3f GiB; %.3f GiB with what torch's allocator does "
+                 "not see (paged optimizer state, CUDA context), planned %.3f GiB", name, meta["peak_memory"]["cuda_peak_gib"],
+                 (plan.total_bytes - plan.overhead_bytes) / 1024**3, meta["peak_memory"]["cuda_peak_with_outside_allocator_gib"],
+                 plan.total_bytes / 1024**3)
+    log.info("%s: adapter saved to %s (loss %.4f -> %.4f in %.1fs)", name, final, meta["first_loss"], meta["final_loss"], wall)
 
 
 def continue_command() -> str:

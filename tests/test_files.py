@@ -291,7 +291,7 @@ def test_eval_on_a_full_disk_names_the_file_leaves_no_temporary_and_does_not_blo
 def test_eval_on_a_read_only_adapters_folder_prints_the_results_then_says_why(tmp_path, trained, monkeypatch):
     import errno
 
-    from mtg_core import outputs
+    from mtg_core.outputs import files as outputs
 
     out = adapters_with(tmp_path, trained)
     real_open = os.open

@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import click
 
-from mtg_core.options import OneLineCommand
+from mtg_core.commands.exits import OneLineCommand
 
 GIB = 1024**3
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from mtg_core.cli import _reported_errors
+from mtg_core.commands.exits import OneLineCommand, reported_errors
 from mtg_core.export.adapter import (ATTENTION, EXPERT, EXPERT_MATRICES, HUB_BLOCK, LORA_KEY, PLAIN_LORA, TRAINED_BLOCK,
                                      Adapter, ExportError, adapter_names, load_adapter)
 from mtg_core.export.gguf import check_gguf, gguf_command, gguf_tensors, write_gguf
@@ -29,7 +29,7 @@ from mtg_core.export.merged import (FULL_PRECISION, SERVING_FILES, check_merged,
                                     write_merged)
 from mtg_core.export.vllm import VLLM_MAX_LORA_RANKS, check_vllm, vllm_command, write_vllm
 from mtg_core.export.writing import DTYPES, MARKER, ExportStopped, prepare_out, write_export
-from mtg_core.options import TEXT, BaseModelName, OneLineCommand, ShellPath
+from mtg_core.options import TEXT, BaseModelName, ShellPath
 
 __all__ = ["ATTENTION", "DTYPES", "EXPERT", "EXPERT_MATRICES", "FORMATS", "FULL_PRECISION", "HUB_BLOCK", "LORA_KEY",
            "MARKER", "PLAIN_LORA", "SERVING_FILES", "TRAINED_BLOCK", "VLLM_MAX_LORA_RANKS", "Adapter", "ExportError",
@@ -108,7 +108,7 @@ def _print_serving(fmt: str, adapters: list[Adapter], targets: list[Path]) -> No
 def export_command(expert, all_experts, fmt, adapters, base_model, out, dtype, debug):
     """Convert trained adapters for serving: vLLM multi-LoRA, llama.cpp GGUF, or merged full weights."""
     try:
-        with _reported_errors(debug):
+        with reported_errors(debug):
             export(Path(adapters), expert, all_experts, fmt, base_model, Path(out) if out else Path("exports") / fmt, dtype)
     except ExportStopped as stop:
         click.echo(f"interrupted: stopped by {signal.Signals(stop.signum).name}; the export being written was removed "

@@ -15,13 +15,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from mtg_core import __version__
+from mtg_core.commands.exits import STOP_SIGNALS
 from mtg_core.export.adapter import Adapter, ExportError
 from mtg_core.outputs import (WORK_MARKER, apply_umask, describe_foreign, foreign_files, install, left_by_dead_process, make_work_dir,
                               pid_alive, read_small, record_files, require_writable_folder, write_new)
 
 DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 MARKER = "export.json"
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class ExportStopped(BaseException):
