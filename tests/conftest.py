@@ -92,3 +92,13 @@ def add_plugin(monkeypatch, plugin, name="test-plugin"):
 
 
 MTG_TRAIN = [sys.executable, "-c", "from mtg_core.cli import train_command; train_command()"]
+
+
+# A 2-step explain run on 8 examples: the quickest real training.
+QUICK = ["--expert", "explain", "--max-samples", "8", "--batch-size", "2", "--grad-accum", "1", "--seq-len", "128", "--max-steps", "2"]
+
+
+def with_option(args, option: str, value: str) -> list[str]:
+    """`args` with `option`'s value replaced (every command refuses an option given twice)."""
+    at = args.index(option)
+    return [*args[:at + 1], value, *args[at + 2:]]

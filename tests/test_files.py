@@ -14,13 +14,12 @@ import zipfile
 import pytest
 from click.testing import CliRunner
 
-from conftest import cli_env
+from conftest import QUICK, cli_env
 from mtg_core.cli import eval_command, train_command
 from mtg_core.export import export_command
 from mtg_core.outputs import (WORK_MARKER, ExpertLock, OutputError, checkpoint_problem, check_replaceable, is_ours, mark, recover,
                               recover_unlocked, write_new)
 
-QUICK = ["--expert", "explain", "--max-samples", "8", "--batch-size", "2", "--grad-accum", "1", "--seq-len", "128", "--max-steps", "2"]
 DEAD_PID = 2**22 + 12345  # above Linux's pid_max ceiling: never a live process
 
 

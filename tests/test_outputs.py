@@ -13,11 +13,10 @@ import threading
 import pytest
 from click.testing import CliRunner
 
-from conftest import MTG_TRAIN, cli_env, write_jsonl
+from conftest import MTG_TRAIN, QUICK, cli_env, with_option, write_jsonl
 from mtg_core.cli import ask_command, eval_command, train_command
 from mtg_core.outputs import ExpertLock, mark, recover
 
-QUICK = ["--expert", "explain", "--max-samples", "8", "--batch-size", "2", "--grad-accum", "1", "--seq-len", "128", "--max-steps", "2"]
 
 
 def train(*args):
@@ -104,7 +103,7 @@ def test_a_second_run_on_the_same_expert_and_folder_is_refused_with_the_holders_
             assert last_line(second) == (f"error: {out / 'explain'} is being written by another mtg-train (PID {first.pid}); "
                                          "wait for it to finish or give this run another --output-dir")
         assert (out / ".explain.partial").is_dir()  # the live run's work is untouched
-        other = train(*QUICK[:1], "teach", *QUICK[2:], "--seq-len", "384", "--output-dir", str(out))  # another expert may share the folder
+        other = train(*with_option(with_option(QUICK, "--expert", "teach"), "--seq-len", "384"), "--output-dir", str(out))  # another expert may share the folder
         assert other.exit_code == 0, other.output
     finally:
         first.kill()

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from conftest import MTG_TRAIN, add_plugin, cli_env, write_jsonl
+from conftest import MTG_TRAIN, add_plugin, cli_env, with_option, write_jsonl
 from mtg_core import hookimpl
 from mtg_core.cli import train_command
 from mtg_core.train import STOP
@@ -99,7 +99,7 @@ def test_resume_refuses_when_there_is_nothing_or_the_meaning_changed(tmp_path, m
         add_plugin(patch, SignalAt(2))
         assert train(*SMALL, "--output-dir", str(tmp_path)).exit_code == 130
     other = write_jsonl(tmp_path / "other.jsonl", [{"input": f"q{i}", "output": f"a{i}"} for i in range(16)])
-    changed = train(*SMALL, "--output-dir", str(tmp_path), "--resume", "--data", str(other), "--seq-len", "128")
+    changed = train(*with_option(SMALL, "--seq-len", "128"), "--output-dir", str(tmp_path), "--resume", "--data", str(other))
     assert changed.exit_code == 2
     assert "cannot resume explain" in changed.output and "data_sha256 was" in changed.output and "seq_len was 192, now 128" in changed.output
     fresh = train(*SMALL, "--output-dir", str(tmp_path))
