@@ -102,3 +102,17 @@ def with_option(args, option: str, value: str) -> list[str]:
     """`args` with `option`'s value replaced (every command refuses an option given twice)."""
     at = args.index(option)
     return [*args[:at + 1], value, *args[at + 2:]]
+
+
+def tiny_mixtral_folder(folder: Path, layers: int, **save) -> Path:
+    """A random tiny Mixtral (seed 0) of `layers` layers with the shipped tokenizer, saved in `folder`."""
+    import torch
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    from mtg_core.base_models import TINY_CONFIG, TOKENIZER_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    torch.manual_seed(0)
+    MixtralForCausalLM(MixtralConfig(vocab_size=len(tokenizer), **{**TINY_CONFIG, "num_hidden_layers": layers})).save_pretrained(folder, **save)
+    tokenizer.save_pretrained(folder)
+    return folder

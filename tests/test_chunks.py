@@ -7,7 +7,8 @@ import pytest
 import torch
 from peft import get_peft_model_state_dict
 
-from mtg_core.base_models import TINY_CONFIG, TOKENIZER_DIR, base_config, choose_base, load_base
+from conftest import tiny_mixtral_folder
+from mtg_core.base_models import TINY_CONFIG, base_config, choose_base, load_base
 from mtg_core.moe import grouped
 from mtg_core.moe.streaming import set_expert_chunk
 from mtg_core.moe.synthetic import mixtral_config
@@ -18,14 +19,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]
 
 @pytest.fixture(scope="module")
 def four_layers(tmp_path_factory):
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    folder = tmp_path_factory.mktemp("four-layers")
-    torch.manual_seed(0)
-    MixtralForCausalLM(MixtralConfig(vocab_size=len(tokenizer), **{**TINY_CONFIG, "num_hidden_layers": 4})).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return choose_base(str(folder))
+    return choose_base(str(tiny_mixtral_folder(tmp_path_factory.mktemp("four-layers"), 4)))
 
 
 def with_lora(model, dropout: float):

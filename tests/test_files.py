@@ -14,10 +14,10 @@ import zipfile
 import pytest
 from click.testing import CliRunner
 
-from conftest import QUICK, cli_env
+from conftest import QUICK, adapters_with, cli_env
 from mtg_core.cli import eval_command, train_command
 from mtg_core.export import export_command
-from mtg_core.outputs import (WORK_MARKER, ExpertLock, OutputError, checkpoint_problem, check_replaceable, is_ours, mark, recover,
+from mtg_core.outputs import (WORK_MARKER, ExpertLock, OutputError, checkpoint_problem, check_replaceable, is_ours, recover,
                               recover_unlocked, write_new)
 
 DEAD_PID = 2**22 + 12345  # above Linux's pid_max ceiling: never a live process
@@ -51,12 +51,6 @@ def trained(tmp_path_factory):
         os.umask(previous)
     assert result.exit_code == 0, result.output
     return out / "explain"
-
-
-def adapters_with(tmp_path, trained, name="adapters"):
-    out = tmp_path / name
-    shutil.copytree(trained, out / "explain")
-    return out
 
 
 def marked(folder, pid=DEAD_PID):

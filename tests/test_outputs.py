@@ -13,7 +13,7 @@ import threading
 import pytest
 from click.testing import CliRunner
 
-from conftest import MTG_TRAIN, QUICK, cli_env, with_option, write_jsonl
+from conftest import MTG_TRAIN, QUICK, adapters_with, cli_env, with_option, write_jsonl
 from mtg_core.cli import ask_command, eval_command, train_command
 from mtg_core.outputs import ExpertLock, mark, recover
 
@@ -40,12 +40,6 @@ def trained(tmp_path_factory):
     result = train(*QUICK, "--output-dir", str(out))
     assert result.exit_code == 0, result.output
     return out / "explain"
-
-
-def adapters_with(tmp_path, trained, name="adapters"):
-    out = tmp_path / name
-    shutil.copytree(trained, out / "explain")
-    return out
 
 
 def test_a_folder_mtg_train_did_not_write_is_never_replaced(tmp_path, trained):

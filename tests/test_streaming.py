@@ -12,7 +12,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from mtg_core.base_models import TINY_CONFIG, TOKENIZER_DIR, base_config, choose_base, load_base
+from conftest import tiny_mixtral_folder
+from mtg_core.base_models import base_config, choose_base, load_base
 from mtg_core.cli import eval_command, train_command
 from mtg_core.moe import grouped, layout, streaming
 from mtg_core.plan import GIB, expert_packed_bytes, pinned_bytes, plan_memory, streamed_copies
@@ -23,14 +24,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]
 @pytest.fixture(scope="module")
 def six_layers(tmp_path_factory):
     """A tiny Mixtral with six layers, so that streaming has an order to get right."""
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    folder = tmp_path_factory.mktemp("six-layers")
-    torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=len(tokenizer), **{**TINY_CONFIG, "num_hidden_layers": 6})
-    MixtralForCausalLM(config).save_pretrained(folder, max_shard_size="300KB")  # experts spread over many shards
-    tokenizer.save_pretrained(folder)
+    folder = tiny_mixtral_folder(tmp_path_factory.mktemp("six-layers"), 6, max_shard_size="300KB")  # experts over many shards
     return choose_base(str(folder))
 
 

@@ -9,7 +9,6 @@ import os
 import re
 import sys
 import time
-import traceback
 from importlib.metadata import entry_points
 
 import attrs
