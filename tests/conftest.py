@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -116,3 +117,10 @@ def tiny_mixtral_folder(folder: Path, layers: int, **save) -> Path:
     MixtralForCausalLM(MixtralConfig(vocab_size=len(tokenizer), **{**TINY_CONFIG, "num_hidden_layers": layers})).save_pretrained(folder, **save)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def adapters_with(tmp_path: Path, trained: Path, name: str = "adapters") -> Path:
+    """A fresh adapters folder holding a copy of the `trained` explain adapter."""
+    out = tmp_path / name
+    shutil.copytree(trained, out / "explain")
+    return out
