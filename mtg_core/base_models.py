@@ -13,6 +13,7 @@ from typing import Callable
 
 import attrs
 
+from mtg_core.distributed import local_rank
 from mtg_core.errors import BaseModelError
 
 ASSETS = Path(__file__).parent / "assets"
@@ -180,7 +181,7 @@ def device_and_dtype():
     import torch
 
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_rank())
         return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return "cpu", torch.float32
 
@@ -325,7 +326,7 @@ def load_base(choice: BaseChoice, quant: str, log: Callable[[str], None] = print
             config=config,
             dtype=dtype,
             quantization_config=quantization_config,
-            device_map={"": int(os.environ.get("LOCAL_RANK", "0"))} if cuda else None,  # each torchrun rank: its own GPU
+            device_map={"": local_rank()} if cuda else None,  # each torchrun rank: its own GPU
             use_safetensors=True,
             trust_remote_code=False,
             output_loading_info=True,

@@ -25,6 +25,7 @@ from pathlib import Path
 import attrs
 
 from mtg_core.data import TokenizedData, check_trainable, describe_lines, load_examples, tokenize
+from mtg_core.distributed import local_world_size, rank, world_size
 from mtg_core.errors import ConfigError, OutOfMemory, TrainingInterrupted
 from mtg_core.experts import FormattedExample, LoraSettings
 from mtg_core.optim import one_sync_per_step
@@ -164,20 +165,6 @@ def plan_resume(run: PreparedRun, options: TrainOptions, output_dir: Path, base_
         what = "; ".join(f"{k} was {old!r}, now {new!r}" for k, (old, new) in changed.items())
         raise ConfigError(f"cannot resume {name} from {checkpoint}: {what}; pass --force to resume anyway")
     return attrs.evolve(run, resume_from=checkpoint)
-
-
-def rank() -> int:
-    """This process's rank under torchrun / accelerate launch (0 when not distributed)."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def local_world_size() -> int:
-    """The processes of this node under torchrun / accelerate launch (1 when not distributed)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 class StopRequest:
