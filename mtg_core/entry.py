@@ -15,24 +15,24 @@ def _run(module: str, command: str):
 
 
 def train():
-    return _run("mtg_core.cli", "train_command")
+    return _run("mtg_core.commands.train", "train_command")
 
 
 def new_expert():
-    return _run("mtg_core.cli", "new_expert_command")
+    return _run("mtg_core.commands.new_expert", "new_expert_command")
 
 
 def evaluate():
-    return _run("mtg_core.cli", "eval_command")
+    return _run("mtg_core.commands.eval", "eval_command")
 
 
 def ask():
-    return _run("mtg_core.cli", "ask_command")
+    return _run("mtg_core.commands.ask", "ask_command")
 
 
 def export():
-    return _run("mtg_core.export", "export_command")
+    return _run("mtg_core.commands.export", "export_command")
 
 
 def doctor():
-    return _run("mtg_core.doctor", "doctor_command")
+    return _run("mtg_core.commands.doctor", "doctor_command")

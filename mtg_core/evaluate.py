@@ -249,3 +249,64 @@ def evaluate(model, tokenizer, registry: Registry, experts: list[Expert], max_ne
         for name in results:
             results[name]["heldout_matrix"] = matrix  # rows: adapter; columns: held-out set
     return results
+
+
+class EvalFailed(MtgError):
+    exit_code = 1
+
+
+def eval_adapters(name, all_experts: bool, base_model, adapters: Path, max_new_tokens: int, seq_len: int, quant: str, offload: str,
+                  gpu_memory, host_memory, no_fail: bool) -> dict:
+    """mtg-eval: everything checked before the base loads (adapters, held-out data, the inference plan), then `report_eval`."""
+    import click
+
+    from mtg_core.base_models import load_tokenizer
+    from mtg_core.run import base_for, finish_installs, inference_run, select_experts
+
+    registry = Registry.discover()
+    experts = select_experts(registry, name, all_experts)
+    finish_installs(adapters, [e.name for e in experts])
+    choice = base_for(adapters, experts, base_model)
+    for e in experts:
+        check_adapter(adapters, e.name, choice)
+    tokenizer = load_tokenizer(choice)
+    heldout = max(len(heldout_data(tokenizer, registry, e, seq_len).rows) for e in experts)
+    # the held-out loss runs each expert's held-out set as one batch (heldout_batch)
+    run = inference_run(registry, experts, choice, quant, offload, gpu_memory, host_memory, seq_len, heldout, tokenizer=tokenizer)
+    base = run.load_base(lambda line: click.echo(line, err=True))
+    return report_eval(run, adapters, base, max_new_tokens, seq_len, no_fail)
+
+
+def report_eval(run, adapters: Path, base, max_new_tokens: int, seq_len: int, no_fail: bool) -> dict:
+    """Evaluate the run's experts' adapters on `base` (a LoadedBase), print the table, then write each eval.json."""
+    import click
+
+    from mtg_core.outputs import adapter_identity, write_eval
+
+    registry = run.registry
+    folders = {e.name: check_adapter(adapters, e.name, run.choice) for e in run.experts}
+    identities = {name: adapter_identity(folder) for name, folder in folders.items()}  # before peft reads the files
+    model = attach_adapters(base.model, folders)
+    results = evaluate(model, base.tokenizer, registry, list(run.experts), max_new_tokens, seq_len)
+    for name, result in results.items():
+        result["skipped_plugins"] = registry.skipped_for(name)
+    click.echo(f"{'EXPERT':<12} {'BASE LOSS':>10} {'ADAPTER LOSS':>13} {'BASE PPL':>10} {'ADAPTER PPL':>12}  RESULT")
+    for name, r in results.items():
+        click.echo(f"{name:<12} {r['heldout_loss']['base']:>10.4f} {r['heldout_loss']['adapter']:>13.4f} "
+                   f"{r['heldout_perplexity']['base']:>10.2f} {r['heldout_perplexity']['adapter']:>12.2f}  "
+                   f"{'better' if r['improved'] else 'NOT better'}")
+    if len(results) > 1:
+        names = list(results)
+        click.echo("\nheld-out loss, adapter (row) on each expert's held-out set (column):")
+        click.echo(" " * 12 + "".join(f"{n:>12}" for n in names))
+        matrix = results[names[0]]["heldout_matrix"]
+        for row in names:
+            click.echo(f"{row:<12}" + "".join(f"{matrix[row][col]:>12.4f}" for col in names))
+    for name, r in results.items():
+        for sample in r["samples"]:
+            click.echo(f"\n[{name}] {sample['prompt']}\n  base:    {sample['base'][:160]}\n  adapter: {sample['adapter'][:160]}")
+    write_eval(adapters, identities, results)  # after printing: results that cannot be saved are still seen
+    worse = [name for name, r in results.items() if not r["improved"]]
+    if worse and not no_fail:
+        raise EvalFailed(f"the adapter of {', '.join(worse)} does not lower its held-out loss (see eval.json; --no-fail to only report)")
+    return results

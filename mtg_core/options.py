@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from mtg_core.plan import OFFLOAD_CHOICES
+
 # Steps, samples, tokens: far beyond any real run, and within every int the libraries take (Trainer, torch, numpy).
 MAX_COUNT = 10**9
 SEED_MAX = 2**32 - 1  # numpy's seed range; transformers' set_seed seeds numpy, torch and random with it
@@ -137,3 +139,15 @@ def read_config(ctx: click.Context, param: click.Parameter, value: str | None) -
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
+
+def inference_memory_options(command):
+    """--quant, --offload-experts, --gpu-memory and --host-memory as mtg-eval and mtg-ask take them (as mtg-train does)."""
+    options = [
+        click.option("--quant", type=click.Choice(["nf4", "none"]), default="nf4", show_default=True),
+        click.option("--offload-experts", type=click.Choice(OFFLOAD_CHOICES), default="auto", show_default=True, help="As for mtg-train."),
+        click.option("--gpu-memory", type=FiniteFloat(min=0, min_open=True), metavar="GIB", help="As for mtg-train."),
+        click.option("--host-memory", type=FiniteFloat(min=0, min_open=True), metavar="GIB", help="As for mtg-train."),
+    ]
+    for option in reversed(options):  # as if stacked as decorators, in this order
+        command = option(command)
+    return command

@@ -92,7 +92,7 @@ def add_plugin(monkeypatch, plugin, name="test-plugin"):
     monkeypatch.setattr(Registry, "discover", classmethod(patched))
 
 
-MTG_TRAIN = [sys.executable, "-c", "from mtg_core.cli import train_command; train_command()"]
+MTG_TRAIN = [sys.executable, "-c", "from mtg_core.commands.train import train_command; train_command()"]
 
 
 # A 2-step explain run on 8 examples: the quickest real training.

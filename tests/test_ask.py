@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from transformers import AutoTokenizer, MixtralForCausalLM
 
 from conftest import ToyExpert, add_plugin
-from mtg_core.cli import ask_command
+from mtg_core.commands.ask import ask_command
 from mtg_core.evaluate import prompt_for
 from mtg_core.plugins import Registry
 from test_export import adapters, merged  # noqa: F401 (fixtures: adapters/explain and teach, explain merged)

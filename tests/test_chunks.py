@@ -131,7 +131,7 @@ def test_mtg_train_dequantises_in_the_plans_chunk_and_writes_the_same_adapter(tm
     from click.testing import CliRunner
     from safetensors.torch import load_file
 
-    from mtg_core.cli import train_command
+    from mtg_core.commands.train import train_command
 
     args = ["--expert", "explain", "--max-samples", "8", "--batch-size", "2", "--grad-accum", "2", "--seq-len", "128", "--max-steps", "2",
             "--offload-experts", "all"]

@@ -7,7 +7,7 @@ import sys
 from click.testing import CliRunner
 
 from conftest import EXPERTS, MTG_TRAIN
-from mtg_core.cli import train_command
+from mtg_core.commands.train import train_command
 
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "datasets")
 
@@ -19,7 +19,7 @@ def run(*args):
 def test_help_and_list_import_no_torch():
     for args in (["--help"], ["--list"], ["--list", "--json"]):
         code = (
-            "import sys\nfrom mtg_core.cli import train_command\n"
+            "import sys\nfrom mtg_core.commands.train import train_command\n"
             f"try:\n    train_command({args!r})\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
         )
@@ -71,7 +71,7 @@ def test_out_of_range_numbers_are_refused_before_anything_loads(tmp_path):
 
 def test_config_file_supplies_options_and_the_command_line_wins(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr("mtg_core.cli._train", lambda registry, name, all_experts, base, data, out, hyper, *flags: seen.update(hyper, expert=name, out=out))
+    monkeypatch.setattr("mtg_core.train.recipe.train_experts", lambda registry, name, all_experts, base, data, out, hyper, *flags: seen.update(hyper, expert=name, out=out))
     config = tmp_path / "run.toml"
     config.write_text('expert = "teach"\nseq-len = 256\nlr = 0.001\nmax_steps = 7\n')
     assert run("--config", str(config), "--lr", "0.01").exit_code == 0
@@ -92,7 +92,7 @@ def test_unwritable_output_dir_is_refused_before_the_model_loads(tmp_path):
 
 def test_config_values_of_the_wrong_type_are_refused_naming_file_key_and_value(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr("mtg_core.cli._train", lambda registry, name, all_experts, base, data, out, hyper, *flags: seen.update(
+    monkeypatch.setattr("mtg_core.train.recipe.train_experts", lambda registry, name, all_experts, base, data, out, hyper, *flags: seen.update(
         hyper, expert=name, all=all_experts, data=data, flags=flags))
     config = tmp_path / "run.toml"
     for text, message in [
@@ -128,7 +128,7 @@ def test_usage_errors_are_one_line_and_debug_keeps_the_exit_code(tmp_path):
 
 
 def test_a_file_given_as_base_model_and_an_unwritable_dest_are_named(tmp_path):
-    from mtg_core.cli import new_expert_command
+    from mtg_core.commands.new_expert import new_expert_command
 
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"x")
@@ -142,7 +142,7 @@ def test_a_file_given_as_base_model_and_an_unwritable_dest_are_named(tmp_path):
 
 
 def test_ask_refuses_an_empty_question():
-    from mtg_core.cli import ask_command
+    from mtg_core.commands.ask import ask_command
 
     result = CliRunner().invoke(ask_command, ["--expert", "teach", "   "])
     assert result.exit_code == 2 and result.output.strip().startswith("error: the question is empty")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mtg_core.doctor import checks, doctor_command
+from mtg_core.commands.doctor import doctor_command
+from mtg_core.doctor import checks
 
 
 def doctor(*args):

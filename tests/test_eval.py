@@ -7,7 +7,9 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import EXPERTS
-from mtg_core.cli import ask_command, eval_command, train_command
+from mtg_core.commands.ask import ask_command
+from mtg_core.commands.eval import eval_command
+from mtg_core.commands.train import train_command
 
 # 40 steps over each expert's 64 examples: long enough for every adapter to specialise (12 steps gave 3 of 5)
 LONGER = ["--batch-size", "4", "--grad-accum", "1", "--lr", "3e-3", "--seq-len", "384", "--max-steps", "40"]

@@ -15,8 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import QUICK, adapters_with, cli_env
-from mtg_core.cli import eval_command, train_command
-from mtg_core.export import export_command
+from mtg_core.commands.eval import eval_command
+from mtg_core.commands.export import export_command
+from mtg_core.commands.train import train_command
 from mtg_core.outputs import (WORK_MARKER, ExpertLock, OutputError, checkpoint_problem, check_replaceable, is_ours, recover,
                               recover_unlocked, write_new)
 
@@ -268,7 +269,7 @@ def test_eval_on_a_full_disk_names_the_file_leaves_no_temporary_and_does_not_blo
 
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    code = "from mtg_core.cli import eval_command; eval_command()"
+    code = "from mtg_core.commands.eval import eval_command; eval_command()"
     result = subprocess.run([sys.executable, "-c", code, *eval_args(out)], env=cli_env(), capture_output=True, text=True,
                             preexec_fn=small_files, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
@@ -381,7 +382,7 @@ def test_export_all_repairs_an_interrupted_install_first(tmp_path, trained):
 SLOW_MERGE = """
 import sys, time
 import safetensors.torch as st
-from mtg_core.export import export_command
+from mtg_core.commands.export import export_command
 real = st.save_file
 def slow(*args, **kwargs):
     real(*args, **kwargs)

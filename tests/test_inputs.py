@@ -17,9 +17,12 @@ from safetensors.torch import load_file, save_file
 
 from conftest import MTG_TRAIN, cli_env
 from mtg_core.base_models import choose_base, load_tokenizer
-from mtg_core.cli import ask_command, eval_command, new_expert_command, train_command
+from mtg_core.commands.ask import ask_command
+from mtg_core.commands.eval import eval_command
+from mtg_core.commands.export import export_command
+from mtg_core.commands.new_expert import new_expert_command
+from mtg_core.commands.train import train_command
 from mtg_core.evaluate import heldout_data
-from mtg_core.export import export_command
 from mtg_core.options import SEED_MAX, FiniteFloat, ShellPath
 from mtg_core.plugins import Registry
 
@@ -98,7 +101,7 @@ def test_every_path_option_expands_home_and_variables(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MTG_TEST_DIR", str(tmp_path / "var"))
     seen = {}
-    monkeypatch.setattr("mtg_core.cli._train", lambda registry, name, all_experts, base, data, out, hyper, *flags: seen.update(out=out, data=data))
+    monkeypatch.setattr("mtg_core.train.recipe.train_experts", lambda registry, name, all_experts, base, data, out, hyper, *flags: seen.update(out=out, data=data))
     assert CliRunner().invoke(train_command, ["--expert", "explain", "--output-dir", "~", "--data", "$MTG_TEST_DIR/d.jsonl"]).exit_code == 0
     assert seen == {"out": str(tmp_path / "home"), "data": str(tmp_path / "var" / "d.jsonl")}
     config = tmp_path / "home" / "run.toml"
@@ -146,7 +149,7 @@ def test_a_toml_key_spelt_both_ways_is_refused_and_a_bom_is_accepted(tmp_path, m
     one_line_refusal(CliRunner().invoke(train_command, ["--config", str(config), "--expert", "explain"]),
                      "seq_len and seq-len set the same option; keep one")
     seen = {}
-    monkeypatch.setattr("mtg_core.cli._train", lambda registry, name, all_experts, base, data, out, hyper, *flags: seen.update(hyper))
+    monkeypatch.setattr("mtg_core.train.recipe.train_experts", lambda registry, name, all_experts, base, data, out, hyper, *flags: seen.update(hyper))
     config.write_bytes("\ufeffseq_len = 128\n".encode())
     result = CliRunner().invoke(train_command, ["--config", str(config), "--expert", "explain"])
     assert result.exit_code == 0, result.output
@@ -163,7 +166,7 @@ def test_data_dash_reads_stdin(tmp_path, monkeypatch):
     def capture(registry, experts, runs, *rest):
         seen["runs"] = runs
 
-    monkeypatch.setattr("mtg_core.cli._train_locked", capture)
+    monkeypatch.setattr("mtg_core.train.recipe.train_locked", capture)
     lines = "".join(json.dumps({"input": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(3))
     result = CliRunner().invoke(train_command, ["--expert", "explain", "--data", "-", "--output-dir", "out"], input=lines)
     assert result.exit_code == 0, result.output

@@ -14,7 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import MTG_TRAIN, QUICK, adapters_with, cli_env, with_option, write_jsonl
-from mtg_core.cli import ask_command, eval_command, train_command
+from mtg_core.commands.ask import ask_command
+from mtg_core.commands.eval import eval_command
+from mtg_core.commands.train import train_command
 from mtg_core.outputs import ExpertLock, mark, recover
 
 

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import MTG_TRAIN, cli_env
 from mtg_core.base_models import TINY, base_config, choose_base, load_base
-from mtg_core.cli import train_command
+from mtg_core.commands.train import train_command
 from mtg_core.plan import CUDA_CONTEXT_BYTES, GIB, expert_packed_bytes, logit_bytes, plan_memory
 from mtg_core.plugins import Registry
 
@@ -79,11 +79,11 @@ def test_plan_json_needs_no_weights_and_refuses_what_does_not_fit(tmp_path):
 def test_training_records_the_plan_next_to_the_measured_peak(tmp_path, monkeypatch):
     import bitsandbytes.optim.optimizer as bnb_optimizer
 
-    import mtg_core.train
+    import mtg_core.train.trainer
 
     syncs, built = [], []
     monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: syncs.append(t))
-    monkeypatch.setattr(mtg_core.train, "one_sync_per_step", lambda cls: built.append(mtg_core.optim.one_sync_per_step(cls)) or built[-1])
+    monkeypatch.setattr(mtg_core.train.trainer, "one_sync_per_step", lambda cls: built.append(mtg_core.optim.one_sync_per_step(cls)) or built[-1])
     result = CliRunner().invoke(train_command, ["--expert", "teach", "--max-steps", "1", "--max-samples", "4", "--output-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert built[0].__name__ == "AdamWOneSync" and len(syncs) == 1  # the optimizer mtg-train ran: one host sync for its one step
@@ -152,7 +152,7 @@ def test_without_a_gpu_gpu_memory_plans_the_cuda_card_to_rent(monkeypatch):
 def test_host_memory_caps_what_a_run_on_this_machine_may_pin():
     import psutil
 
-    from mtg_core.train import TrainOptions, memory_plan
+    from mtg_core.run import TrainOptions, memory_plan
 
     lora = Registry.discover().lora_settings(Registry.discover().expert("explain"))
     plan, _ = memory_plan(choose_base(TINY), lora, TrainOptions(host_memory=0.5))
@@ -178,32 +178,33 @@ def test_inference_plans_without_gradients_optimizer_or_checkpoints():
 
 
 def test_eval_and_ask_plan_inference(monkeypatch):
-    import mtg_core.cli as cli
+    import mtg_core.run as run
 
     seen = []
-    monkeypatch.setattr(cli, "_memory_plans", lambda choice, experts, loras, options, inference=False: seen.append((options, inference)) or [])
+    monkeypatch.setattr(run, "memory_plans", lambda choice, experts, loras, options, inference=False: seen.append((options, inference)) or [])
     registry = Registry.discover()
-    cli._inference_plans(registry, [registry.expert("explain")], choose_base(TINY), "nf4", "auto", 8.0, 32.0, 256)
+    run.inference_run(registry, [registry.expert("explain")], choose_base(TINY), "nf4", "auto", 8.0, 32.0, 256)
     options, inference = seen[0]
     assert inference and options.batch_size == 1 and options.seq_len == 256
     assert options.gpu_memory == 8.0 and options.host_memory == 32.0
 
 
 def test_eval_plans_its_held_out_batch(monkeypatch, tmp_path):
-    import mtg_core.cli as cli
     import mtg_core.evaluate
+    import mtg_core.run as run
+    from mtg_core.commands.eval import eval_command
     from mtg_core.evaluate import heldout_data
 
     class Planned(Exception):
         pass
 
-    def plans(*args):
+    def plans(*args, **kwargs):
         raise Planned(args)
 
-    monkeypatch.setattr(cli, "_base_for", lambda adapters, experts, base_model: choose_base(TINY))
+    monkeypatch.setattr(run, "base_for", lambda adapters, experts, base_model: choose_base(TINY))
     monkeypatch.setattr(mtg_core.evaluate, "check_adapter", lambda *args: None)
-    monkeypatch.setattr(cli, "_inference_plans", plans)
-    result = CliRunner().invoke(cli.eval_command, ["--expert", "explain", "--adapters", str(tmp_path), "--seq-len", "256",
+    monkeypatch.setattr(run, "inference_run", plans)
+    result = CliRunner().invoke(eval_command, ["--expert", "explain", "--adapters", str(tmp_path), "--seq-len", "256",
                                                    "--gpu-memory", "8", "--host-memory", "32"])
     assert isinstance(result.exception, Planned), result.output
     registry = Registry.discover()

@@ -66,7 +66,8 @@ def test_target_modules_that_match_no_layer_are_refused_before_weights_load(tmp_
         run = subprocess.run([*MTG_TRAIN, "--expert", "judge_llama", "--base-model", "tiny-mixtral", *flags],
                              env=cli_env(site), capture_output=True, text=True)
         assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
-        assert "LoraSettings.target_modules 'gate_proj' matches no layer of tiny-mixtral (peft would train q_proj alone" in run.stderr
+        quoted = "LoraSettings.target_modules 'gate_proj' matches no layer of tiny-mixtral (peft would train q_proj alone"
+        assert f"plugin 'judge_llama' (acme-llama), expert 'judge_llama': {quoted}" in run.stderr  # names whose settings
         assert "loading" not in run.stderr.lower()
     assert not (tmp_path / "adapters" / "judge_llama").exists()
 

@@ -178,7 +178,7 @@ def test_commands_refuse_a_broken_expert_at_once_and_the_others_keep_working(mis
         if name.startswith("judge_"):
             result = subprocess.run([*MTG_TRAIN, "--expert", name], env=env, capture_output=True, text=True, timeout=60)
             assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (name, result.stderr)
-    mtg_eval = [sys.executable, "-c", "from mtg_core.cli import eval_command; eval_command()"]
+    mtg_eval = [sys.executable, "-c", "from mtg_core.commands.eval import eval_command; eval_command()"]
     result = subprocess.run([*mtg_eval, "--expert", "judge_noheldout"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and MISTAKES["judge_noheldout"][2] in result.stderr and "loaded" not in result.stderr
     monkeypatch.syspath_prepend(str(mistakes_site))

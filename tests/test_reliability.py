@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from conftest import MTG_TRAIN, add_plugin, cli_env, with_option, write_jsonl
 from mtg_core import hookimpl
-from mtg_core.cli import train_command
+from mtg_core.commands.train import train_command
 from mtg_core.train import STOP
 
 SMALL = ["--expert", "explain", "--max-samples", "16", "--batch-size", "2", "--grad-accum", "2", "--seq-len", "192", "--max-steps", "6"]

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from conftest import EXPERTS
 from mtg_core.base_models import choose_base, load_tokenizer
-from mtg_core.cli import train_command
+from mtg_core.commands.train import train_command
 from mtg_core.data import load_examples, tokenize
 from mtg_core.plugins import Registry
 

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import tiny_mixtral_folder
 from mtg_core.base_models import base_config, choose_base, load_base
-from mtg_core.cli import eval_command, train_command
+from mtg_core.commands.eval import eval_command
+from mtg_core.commands.train import train_command
 from mtg_core.moe import grouped, layout, streaming
 from mtg_core.plan import GIB, expert_packed_bytes, pinned_bytes, plan_memory, streamed_copies
 

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from conftest import EXPERTS, MTG_TRAIN, ROOT, add_plugin, cli_env
 from mtg_core import hookimpl
-from mtg_core.cli import eval_command, train_command
+from mtg_core.commands.eval import eval_command
+from mtg_core.commands.train import train_command
 from mtg_core.errors import ConfigError
 from mtg_core.plugins import MAX_EVAL_PROMPTS
 from mtg_core.scaffold import scaffold
@@ -167,7 +168,7 @@ def test_a_cross_cutting_plugin_full_of_mistakes_costs_only_itself_in_training_a
 
 
 def test_new_expert_hint_installs_the_folder_and_a_shipped_name_is_warned_about(tmp_path, monkeypatch):
-    from mtg_core.cli import new_expert_command
+    from mtg_core.commands.new_expert import new_expert_command
 
     monkeypatch.chdir(tmp_path)
     made = CliRunner().invoke(new_expert_command, ["judge", "-d", "Tournament judge calls"])

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, Trainer
 
 from conftest import EXPERTS
 from mtg_core.base_models import TINY, choose_base, ensure_tiny_mixtral, load_base
-from mtg_core.cli import train_command
+from mtg_core.commands.train import train_command
 from mtg_core.errors import BaseModelError
 from mtg_core.moe import MtgMixtralForCausalLM
 

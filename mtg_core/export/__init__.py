@@ -8,32 +8,28 @@ export is written into a hidden work folder that is renamed into place only when
 
 The job of each file: `adapter.py` reads and checks a trained adapter; `vllm.py`, `gguf.py` and
 `merged.py` check and write one format each; `writing.py` prepares --out and swaps each export into
-place; this file runs an export and is the `mtg-export` command.
+place; this file runs an export (mtg_core.commands.export is the `mtg-export` command).
 """
 
 from __future__ import annotations
 
 import shlex
-import signal
-import sys
 from functools import partial
 from pathlib import Path
 
 import click
 
-from mtg_core.commands.exits import OneLineCommand, reported_errors
 from mtg_core.export.adapter import (ATTENTION, EXPERT, EXPERT_MATRICES, HUB_BLOCK, LORA_KEY, PLAIN_LORA, TRAINED_BLOCK,
                                      Adapter, ExportError, adapter_names, load_adapter)
 from mtg_core.export.gguf import check_gguf, gguf_command, gguf_tensors, write_gguf
 from mtg_core.export.merged import (FULL_PRECISION, SERVING_FILES, check_merged, checkpoint_folder, hub_key,
                                     write_merged)
 from mtg_core.export.vllm import VLLM_MAX_LORA_RANKS, check_vllm, vllm_command, write_vllm
-from mtg_core.export.writing import DTYPES, MARKER, ExportStopped, prepare_out, write_export
-from mtg_core.options import TEXT, BaseModelName, ShellPath
+from mtg_core.export.writing import DTYPES, MARKER, prepare_out, write_export
 
 __all__ = ["ATTENTION", "DTYPES", "EXPERT", "EXPERT_MATRICES", "FORMATS", "FULL_PRECISION", "HUB_BLOCK", "LORA_KEY",
            "MARKER", "PLAIN_LORA", "SERVING_FILES", "TRAINED_BLOCK", "VLLM_MAX_LORA_RANKS", "Adapter", "ExportError",
-           "adapter_names", "check_gguf", "check_merged", "check_vllm", "checkpoint_folder", "export", "export_command",
+           "adapter_names", "check_gguf", "check_merged", "check_vllm", "checkpoint_folder", "export",
            "gguf_command", "gguf_tensors", "hub_key", "load_adapter", "prepare_out", "vllm_command", "write_export",
            "write_gguf", "write_merged", "write_vllm"]
 
@@ -44,13 +40,15 @@ def export(adapters: Path, name: str | None, all_experts: bool, fmt: str, base_m
     """Check every selected adapter (and, for merged, its base checkpoint), then write one export per adapter."""
     # A kill while mtg-train installed an adapter: finish or undo it first. For --all, before listing the adapters:
     # an interrupted install may have left no adapters/<expert>/ to find.
+    from mtg_core.run import finish_installs
+
     if all_experts and adapters.is_dir():
         from mtg_core.outputs import pending_installs
 
-        _recover(adapters, pending_installs(adapters))
+        finish_installs(adapters, pending_installs(adapters))
     names = adapter_names(adapters, name, all_experts)
     if not all_experts:
-        _recover(adapters, names)
+        finish_installs(adapters, names)
     chosen = [load_adapter(adapters, n, base_model) for n in names]
     checkpoints, needed = {}, 0
     for adapter in chosen:
@@ -86,38 +84,15 @@ def _print_serving(fmt: str, adapters: list[Adapter], targets: list[Path]) -> No
                    "see docs/serving.md", err=True)
     elif fmt == "gguf":
         click.echo(gguf_command(adapters, targets))
-        click.echo(f"BASE.gguf: {adapters[0].serve_id} converted with llama.cpp's convert_hf_to_gguf.py (without "
-                   '--fuse-gate-up-exps); choose the expert per request with "lora": [{"id": N, "scale": 1.0}], N in the '
-                   "order above; see docs/serving.md", err=True)
+        from mtg_core.base_models import TINY
+
+        if adapters[0].choice.name == TINY:  # llama.cpp does not know its tokenizer: there is no BASE.gguf to make
+            click.echo(f"{TINY} does not convert to GGUF (stock llama.cpp does not recognise its tokenizer): these files "
+                       "check the format; train on mixtral-8x7b to serve with llama.cpp; see docs/serving.md", err=True)
+        else:
+            click.echo(f"BASE.gguf: {adapters[0].serve_id} converted with llama.cpp's convert_hf_to_gguf.py (without "
+                       '--fuse-gate-up-exps); choose the expert per request with "lora": [{"id": N, "scale": 1.0}], N in the '
+                       "order above; see docs/serving.md", err=True)
     else:
         for target in targets:
             click.echo(shlex.join(["vllm", "serve", str(target.resolve())]))
-
-
-@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--expert", "-e", type=TEXT, metavar="NAME", help="The adapter in ADAPTERS/NAME/ to export.")
-@click.option("--all", "all_experts", is_flag=True, help="Every adapter in ADAPTERS (vllm: one multi-LoRA server command).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
-              help="vllm: peft adapter named for vLLM's Mixtral; gguf: llama.cpp LoRA adapter; merged: the base with the adapter merged in.")
-@click.option("--adapters", type=ShellPath(file_okay=False), default="adapters", show_default=True, help="Where mtg-train wrote the adapters.")
-@click.option("--base-model", type=BaseModelName(), metavar="NAME", help="Default: the base the adapter was trained on (its training_meta.json).")
-@click.option("--out", type=ShellPath(), help="Exports go to OUT/<expert>/. Default: exports/<format>.")
-@click.option("--dtype", type=click.Choice(list(DTYPES)),
-              help="Cast the exported weights. Default: unchanged (adapters as trained, fp32; merged: the base's own dtype).")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-def export_command(expert, all_experts, fmt, adapters, base_model, out, dtype, debug):
-    """Convert trained adapters for serving: vLLM multi-LoRA, llama.cpp GGUF, or merged full weights."""
-    try:
-        with reported_errors(debug):
-            export(Path(adapters), expert, all_experts, fmt, base_model, Path(out) if out else Path("exports") / fmt, dtype)
-    except ExportStopped as stop:
-        click.echo(f"interrupted: stopped by {signal.Signals(stop.signum).name}; the export being written was removed "
-                   "(exports finished before it are in place, earlier ones untouched)", err=True)
-        sys.exit(128 + stop.signum)
-
-
-def _recover(adapters: Path, names: list[str]) -> None:
-    from mtg_core.outputs import recover_unlocked
-
-    for name in names:
-        recover_unlocked(adapters, name, lambda line: click.echo(f"warning: {line}", err=True))

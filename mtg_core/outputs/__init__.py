@@ -18,8 +18,8 @@ files whole before they are used.
 from mtg_core.outputs.checkpoints import (CHECKPOINT_FILES, checkpoint_problem, json_problem, safetensors_problem,
                                           torch_file_problem)
 from mtg_core.outputs.files import (OutputError, apply_umask, is_write_failure, open_shared, read_small, replace_file,
-                                    require_output_dir, require_writable_folder, umask, write_failure_reason,
-                                    write_new)
+                                    require_output_dir, require_writable_folder, umask, write_errors,
+                                    write_failure_reason, write_new)
 from mtg_core.outputs.install import (adapter_identity, check_replaceable, check_work_dir, install,
                                       is_complete_adapter, pending_installs, recover, recover_unlocked, work_dir,
                                       write_eval)
@@ -34,5 +34,5 @@ __all__ = ["CHECKPOINT_FILES", "EVAL", "LEGACY_ENTRIES", "LEGACY_EVAL_TMP", "MET
            "is_complete_adapter", "is_ours", "is_write_failure", "json_problem", "left_by_dead_process", "lock_all",
            "lock_for_training", "make_work_dir", "mark", "marker", "open_shared", "pending_installs", "pid_alive",
            "read_small", "record_files", "recover", "recover_unlocked", "replace_file", "require_output_dir",
-           "require_writable_folder", "safetensors_problem", "torch_file_problem", "umask", "work_dir", "write_eval",
+           "require_writable_folder", "safetensors_problem", "torch_file_problem", "umask", "work_dir", "write_errors", "write_eval",
            "write_failure_reason", "write_new"]

@@ -7,6 +7,7 @@ import errno
 import os
 import stat
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from mtg_core.errors import ConfigError, MtgError
@@ -138,3 +139,14 @@ def require_output_dir(value: str) -> Path:
     if not value.strip():
         raise ConfigError("--output-dir is empty; give a folder (default: adapters)")
     return Path(value)
+
+
+@contextmanager
+def write_errors(what: str, consequence: str):
+    """Disk full, a file-size limit or a permission error while writing becomes one line naming what and where."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_write_failure(exc):
+            raise
+        raise OutputError(f"cannot write {what}: {write_failure_reason(exc)}; free space or fix permissions there ({consequence})") from None

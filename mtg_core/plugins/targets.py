@@ -40,11 +40,11 @@ def target_problem(targets, names, base: str) -> str | None:
             f"{base} ({trains}); its layers are {', '.join(layers)}: name those in mtg_lora_settings")
 
 
-def check_targets(targets, model, base: str) -> None:
-    """Refuse targets that match no layer of `model` (the meta-device model the memory plan builds)."""
+def check_targets(targets, model, base: str, who: str = "") -> None:
+    """Refuse targets that match no layer of `model` (the meta-device model the memory plan builds); `who` begins the message."""
     problem = target_problem(targets, linear_names(model), base)
     if problem:
-        raise PluginError(problem)
+        raise PluginError(who + problem)
 
 
 def default_base_problem(targets) -> str | None:
