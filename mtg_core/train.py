@@ -188,6 +188,7 @@ def memory_plan(choice, lora: LoraSettings, options: TrainOptions, *, rent: bool
     import psutil
 
     from mtg_core.base_models import base_config, device_and_dtype, free_memory
+    from mtg_core.moe.shared_host import node_host_budget
     from mtg_core.plan import GIB, meta_model, plan_memory, settings_that_fit
     from mtg_core.plugins.targets import check_targets
 
@@ -206,7 +207,7 @@ def memory_plan(choice, lora: LoraSettings, options: TrainOptions, *, rent: bool
             budget = min(budget, int(options.gpu_memory * GIB))
         if options.host_memory is not None:
             host = min(host, int(options.host_memory * GIB))
-    host //= local_world_size()  # every rank of a node pins its own copy of the streamed experts
+        host = node_host_budget(host)  # one copy of the streamed experts per node, in its shared-memory folder
 
     def plan_for(batch_size: int, seq_len: int, offload: str = options.offload_experts):
         return plan_memory(config, lora.target_modules, lora.rank, options.quant, batch_size, seq_len, compute_bytes,

@@ -31,7 +31,7 @@ import attrs
 import torch
 
 from mtg_core.errors import BaseModelError
-from mtg_core.plan import STAGING_BUFFERS, pinned_bytes
+from mtg_core.plan import STAGING_BUFFERS, expert_packed_bytes, pinned_bytes
 
 
 @attrs.define(eq=False)
@@ -145,31 +145,53 @@ class ExpertStreamer:
         return slot
 
 
-def host_copy(params: list, pin: bool) -> tuple[torch.Tensor, list]:
-    """One host buffer holding `params`' packed data back to back, and (param, offset, shape) for each."""
-    total = sum(p.data.numel() for p in params)
-    host = pinned_empty(total) if pin else torch.empty(total, dtype=torch.uint8)
-    entries, offset = [], 0
+def host_copy(params: list, pin: bool, share=None, index: int | None = None) -> tuple[torch.Tensor, list]:
+    """One host buffer holding `params`' packed data back to back, and (param, offset, shape) for each.
+
+    share: the node's shared copy (moe.shared_host, under torchrun): layer `index`'s buffer is then the file local
+    rank 0 fills and the other local ranks map, instead of memory of this process's own."""
+    entries, total = [], 0
     for param in params:
-        data = param.data
-        host[offset : offset + data.numel()].copy_(data.reshape(-1))
-        entries.append((param, offset, data.shape))
-        offset += data.numel()
+        entries.append((param, total, param.data.shape))
+        total += param.data.numel()
+    pinning = pin_mapping if pin else unpinned
+    if share is not None:
+        host = share.host(index, entries, total, fill_host, pinning)
+        if host is not None:
+            return host, entries
+    host = pinned_empty(total) if pin else torch.empty(total, dtype=torch.uint8)
+    fill_host(host, entries)
     return host, entries
 
 
+def fill_host(host: torch.Tensor, entries: list) -> None:
+    for param, offset, _ in entries:
+        data = param.data.reshape(-1)
+        host[offset : offset + data.numel()].copy_(data)
+
+
 def pinned_empty(nbytes: int) -> torch.Tensor:
-    """`nbytes` of page-locked host memory (uint8), pinning only the pages they span.
+    """`nbytes` of page-locked host memory (uint8), pinning only the pages they span."""
+    return pin_mapping(mmap.mmap(-1, pinned_bytes(max(nbytes, 1))), nbytes)
+
+
+def unpinned(buffer: mmap.mmap, nbytes: int) -> torch.Tensor:
+    """The first `nbytes` of `buffer` as a uint8 tensor (which keeps the mapping alive), on a machine without CUDA."""
+    return torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes)
+
+
+def pin_mapping(buffer: mmap.mmap, nbytes: int) -> torch.Tensor:
+    """The first `nbytes` of `buffer` (a page-aligned mapping: anonymous, or a layer file of moe.shared_host, which
+    each process pins in its own address space) as a uint8 tensor, its pages locked for CUDA copies.
 
     Not torch.empty(pin_memory=True): that goes through torch's caching host allocator, which rounds every
     block up to a power of two (torch/include/ATen/core/CachingHostAllocator.h:300-306, with no threshold by
     default: c10/core/AllocatorConfig.h:361), so one Mixtral layer's 672 MiB would pin 1 GiB and 16 GiB of
-    streamed layers ~32 GiB. An anonymous mapping is page-aligned; cudaHostRegister locks exactly its pages,
-    and they are unregistered when the tensor goes.
+    streamed layers ~32 GiB. A mapping is page-aligned; cudaHostRegister locks exactly its pages, and they are
+    unregistered when the tensor goes.
     """
     cudart = torch.cuda.cudart()
-    buffer = mmap.mmap(-1, pinned_bytes(max(nbytes, 1)))
-    host = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes)  # the tensor keeps the mapping alive
+    host = unpinned(buffer, nbytes)
     pointer = host.data_ptr()
     status = cudart.cudaHostRegister(pointer, len(buffer), 0)
     if int(status) != 0:
@@ -262,26 +284,36 @@ def load_streamed_experts(model, location: str, streamed: list[int], dtype: torc
 
     config = model.config
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    from mtg_core.moe.shared_host import node_share
+
     pin = device.type == "cuda"
     wanted = set(streamed)
     pending = {index: {} for index in streamed}  # layer -> {(expert, name): Linear4bit}
     done = []
-    for shard in checkpoint_shards(location):
-        with safe_open(str(shard), framework="pt", device="cpu") as tensors:
-            for key in tensors.keys():
-                match = EXPERT_KEY.fullmatch(key)
-                if not match or int(match[1]) not in wanted:
-                    continue
-                layer, expert, name = int(match[1]), int(match[2]), match[3]
-                pending[layer][(expert, name)] = quantized_linear(tensors.get_tensor(key).to(device=device, dtype=dtype))
-                if len(pending[layer]) == 3 * config.num_local_experts:
-                    done.append(install_streamed_layer(model, layer, pending.pop(layer), pin))
-    if pending:
-        layer, found = next(iter(pending.items()))
-        raise BaseModelError(f"{location}: the checkpoint has {len(found)} of the {3 * config.num_local_experts} expert matrices of "
-                             f"layer {layer}; it must hold model.layers.N.block_sparse_moe.experts.E.w1/w2/w3")
+    share = node_share(location, streamed, expert_packed_bytes(config), log)  # None: a single process on this node
+    try:
+        for shard in checkpoint_shards(location):
+            with safe_open(str(shard), framework="pt", device="cpu") as tensors:
+                for key in tensors.keys():
+                    match = EXPERT_KEY.fullmatch(key)
+                    if not match or int(match[1]) not in wanted:
+                        continue
+                    layer, expert, name = int(match[1]), int(match[2]), match[3]
+                    pending[layer][(expert, name)] = quantized_linear(tensors.get_tensor(key).to(device=device, dtype=dtype))
+                    if len(pending[layer]) == 3 * config.num_local_experts:
+                        done.append(install_streamed_layer(model, layer, pending.pop(layer), pin, share))
+        if pending:
+            layer, found = next(iter(pending.items()))
+            raise BaseModelError(f"{location}: the checkpoint has {len(found)} of the {3 * config.num_local_experts} expert matrices of "
+                                 f"layer {layer}; it must hold model.layers.N.block_sparse_moe.experts.E.w1/w2/w3")
+        if share is not None:
+            share.finish()
+    finally:
+        if share is not None:
+            share.close()  # on success finish() removed them already; after a failure no half-written file stays
+    where = f", one copy for the {share.ranks} processes of this node in {share.folder}" if share is not None else ""
     log(f"{len(done)} layers' experts in {'pinned ' if pin else ''}host memory "
-        f"({sum(layer.host.numel() for layer in done) / 1024**3:.2f} GiB), streamed to the device as they run")
+        f"({sum(layer.host.numel() for layer in done) / 1024**3:.2f} GiB{where}), streamed to the device as they run")
     return attach(model, done)
 
 
@@ -296,8 +328,9 @@ def quantized_linear(weight: torch.Tensor):
     return linear.requires_grad_(False)
 
 
-def install_streamed_layer(model, index: int, linears: dict, pin: bool) -> StreamedLayer:
-    """Give layer `index` its experts ({(expert, "w1"|"w2"|"w3"): Linear4bit}) with their packed data in host memory."""
+def install_streamed_layer(model, index: int, linears: dict, pin: bool, share=None) -> StreamedLayer:
+    """Give layer `index` its experts ({(expert, "w1"|"w2"|"w3"): Linear4bit}) with their packed data in host memory
+    (the node's shared copy when `share`, moe.shared_host, is given)."""
     from mtg_core.moe.layout import ExpertMLP
 
     experts = model.model.layers[index].mlp.experts
@@ -307,7 +340,7 @@ def install_streamed_layer(model, index: int, linears: dict, pin: bool) -> Strea
         for name in ("w1", "w2", "w3"):
             setattr(mlp, name, linears[(expert, name)])
         experts.append(mlp)
-    host, params = host_copy(packing_order(experts), pin)
+    host, params = host_copy(packing_order(experts), pin, share, index)
     for param, _, _ in params:
         param.data = param.data.new_empty(0)  # frees the device copy; ExpertStreamer keeps a shared placeholder
     return StreamedLayer(index, host, params)
