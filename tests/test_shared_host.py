@@ -154,3 +154,19 @@ def test_one_process_keeps_its_copy_private_and_the_plan_counts_host_ram_per_nod
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # not halved: one copy for both ranks, bounded by the folder's room
     assert shared_host.node_host_budget(1024**5) == shared_host.free_bytes(tmp_path) < 1024**5
     assert shared_host.node_host_budget(1024) == 1024
+
+
+def test_the_plan_under_torchrun_counts_the_streamed_experts_once_per_node(monkeypatch):
+    from click.testing import CliRunner
+
+    from mtg_core.cli import train_command
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    args = ["--expert", "explain", "--base-model", "mixtral-8x7b", "--plan", "--batch-size", "1", "--seq-len", "512",
+            "--gpu-memory", "8", "--host-memory", "32"]
+    plan = json.loads(CliRunner().invoke(train_command, [*args, "--json"]).output)
+    assert plan["host_free_bytes"] == 32 * 1024**3 and plan["fits"]  # 21 GiB once, not 2 x 21 GiB in 2 x 16 GiB
+    text = CliRunner().invoke(train_command, args).output
+    assert "per process of 2 (each holds the whole base; the streamed experts' pinned host memory is one copy shared by the 2 processes on this node)" in text

@@ -164,7 +164,8 @@ class NodeShare:
     def _create(self, path: Path, header: bytes, size: int) -> int:
         """Create `path` (O_EXCL: never an existing file, never through a link), `size` bytes reserved, header first."""
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+            # 0600: only this user's processes (the run's ranks) map it; the base's weights may be private
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except FileExistsError:
             raise BaseModelError(f"{path} exists and this run did not write it; remove it if it is a leftover "
                                  "(mtg-core never writes over or through files it did not create)") from None
@@ -217,9 +218,13 @@ class NodeShare:
     def _open(self, path: Path) -> int:
         """Open a file local rank 0 wrote, read-write (pinning locks pages for device writes, which a read-only
         mapping refuses; a private mapping would copy each page as it is pinned): this process never writes it."""
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise BaseModelError(f"{path}: cannot open local rank 0's copy of the streamed experts ({exc.strerror}); "
+                                 "see local rank 0's error") from None
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or _read_header(path) is None:
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or not os.pread(fd, len(MAGIC), 0) == MAGIC:
             os.close(fd)
             raise BaseModelError(f"{path} is not a file this run wrote; remove it and start again")
         return fd
