@@ -306,17 +306,17 @@ def measure_full(runs, seq, steps, small, device, dtype) -> list[dict]:
     rows, builds = [], {}
     for offload, budget_gib, tokens, plan in full_plans(runs, seq, small, device, dtype):
         row = {"offload_experts": offload, "budget_gib": budget_gib, "tokens_per_step": tokens, "layers": 4 if small else 32,
-               "streamed_layers": plan.offloaded_layers, "expert_chunk": plan.expert_chunk,
+               "streamed_layers": plan.offloaded_layers, "expert_chunk": plan.expert_chunk, "staging": plan.staging,
                "planned_gib": round((plan.total_bytes - plan.overhead_bytes) / GIB, 3),
                "planned_with_cuda_context_gib": round(plan.total_bytes / GIB, 3), "planned_host_gib": round(plan.host_bytes / GIB, 3)}
         rows.append(row)
         if not plan.fits:
             row["skipped"] = "does not fit this budget by the plan"
             continue
-        builds.setdefault((budget_gib, plan.streamed_layers, plan.expert_chunk), []).append(row)
-    for (budget_gib, streamed, chunk), build_rows in builds.items():
-        job = {"budget_gib": budget_gib, "streamed": list(streamed), "expert_chunk": chunk, "tokens": [r["tokens_per_step"] for r in build_rows],
-               "seq": seq, "steps": steps, "small": small}
+        builds.setdefault((budget_gib, plan.streamed_layers, plan.expert_chunk, plan.staging), []).append(row)
+    for (budget_gib, streamed, chunk, staging), build_rows in builds.items():
+        job = {"budget_gib": budget_gib, "streamed": list(streamed), "expert_chunk": chunk, "staging": staging,
+               "tokens": [r["tokens_per_step"] for r in build_rows], "seq": seq, "steps": steps, "small": small}
         done = subprocess.run([sys.executable, __file__, "--full-build", json.dumps(job)], capture_output=True, text=True)
         results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode or len(results) != len(build_rows):
@@ -343,7 +343,7 @@ def full_build(job: dict, device: str, dtype: torch.dtype) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, job["budget_gib"] * GIB / torch.cuda.get_device_properties(0).total_memory))
     started = time.perf_counter()
     model = add_lora(build_nf4(config, device, dtype, tuple(job["streamed"])))
-    set_expert_chunk(model, job["expert_chunk"])  # as mtg-train applies the plan's choice
+    set_expert_chunk(model, job["expert_chunk"], job["staging"])  # as mtg-train applies the plan's choices
     build_s = round(time.perf_counter() - started, 1)
     optimizer = paged_adamw_8bit([p for p in model.parameters() if p.requires_grad])
     model.train()
@@ -388,7 +388,7 @@ def full_build(job: dict, device: str, dtype: torch.dtype) -> None:
             "peak_allocated_plus_outside_gib": round((torch.cuda.max_memory_allocated() + peak.outside) / GIB, 3) if peak is not None else None,
             "host_rss_gib": round(psutil.Process().memory_info().rss / GIB, 3),
             "copies_per_step": ((streamer.copies - copies) / steps) if streamer else 0,
-            "planned_copies_per_step": streamed_copies(len(job["streamed"])),
+            "planned_copies_per_step": streamed_copies(len(job["streamed"]), staging=job["staging"]),
         }), flush=True)
 
 

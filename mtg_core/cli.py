@@ -248,7 +248,7 @@ def _chunk_experts(model, plans: list) -> None:
     chunks = [plan.expert_chunk for plan in plans if plan.expert_chunk is not None]
     if chunks:
         log.info("experts dequantised %d of %d at a time (the memory plan's chunk)", min(chunks), plans[0].experts)
-    set_expert_chunk(model, min(chunks, default=None))
+    set_expert_chunk(model, min(chunks, default=None), "group" if any(plan.staging == "group" for plan in plans) else "layer")
 
 
 def _inference_plans(registry, experts, choice, quant: str, offload: str, gpu_memory: float | None, host_memory: float | None = None,

@@ -222,10 +222,9 @@ class FrozenGroupedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, ends, groups, dequantised=None):
-        weight = stacked_frozen_weights(groups, x.dtype)
-        if dequantised is not None:
-            dequantised()
+    def forward(ctx, x, ends, groups, staged):
+        with staged:  # a streamed layer's packed group readable inside; its buffer released before the GEMM
+            weight = stacked_frozen_weights(groups, x.dtype)
         ctx.save_for_backward(weight)
         ctx.ends = ends  # not a saved tensor: backward reuses its host copy, if the forward read one
         return grouped_mm(x, weight.transpose(1, 2), ends)
@@ -240,16 +239,15 @@ class FrozenGroupedLinear(torch.autograd.Function):
 class ChunkedFrozenGroupedLinear(torch.autograd.Function):
     """FrozenGroupedLinear `chunk` experts at a time: each chunk is dequantised, multiplied (the same grouped GEMM
     over its experts' rows) and dropped before the next, and backward dequantises them again instead of keeping
-    them, so at most one chunk's dequantised weights are alive (plan.dequantized_bytes). `reload` enters what
+    them, so at most one chunk's dequantised weights are alive (plan.dequantized_bytes). `reload()` enters what
     makes the packed data readable again in backward (a streamed layer's staging buffer). The chunks' row ranges
     come from the host copy of `ends`: one host sync per layer, the price of bounding the dequantised bytes.
     """
 
     @staticmethod
-    def forward(ctx, x, ends, groups, chunk, reload, dequantised=None):
-        out = _by_chunks(x, ends, groups, chunk, forward=True)
-        if dequantised is not None:
-            dequantised()
+    def forward(ctx, x, ends, groups, chunk, reload, staged):
+        with staged:
+            out = _by_chunks(x, ends, groups, chunk, forward=True)
         ctx.ends, ctx.groups, ctx.chunk, ctx.reload = ends, groups, chunk, reload
         return out
 
@@ -285,11 +283,13 @@ def _group_shape(group) -> tuple[int, int]:
     return sum(shape[0] for shape in shapes), shapes[0][1]
 
 
-def frozen_grouped_linear(x, ends, groups, chunk: int | None, reload, dequantised=None):
-    """FrozenGroupedLinear, or ChunkedFrozenGroupedLinear when `chunk` is fewer experts than there are."""
+def frozen_grouped_linear(x, ends, groups, chunk: int | None, reload, staged=None):
+    """FrozenGroupedLinear, or ChunkedFrozenGroupedLinear when `chunk` is fewer experts than there are. `staged`: the
+    context within which a streamed layer's packed group is readable (moe.streaming); None for a resident layer."""
+    staged = staged if staged is not None else contextlib.nullcontext()
     if chunk is None or chunk >= len(groups):
-        return FrozenGroupedLinear.apply(x, ends, groups, dequantised)
-    return ChunkedFrozenGroupedLinear.apply(x, ends, groups, chunk, reload, dequantised)
+        return FrozenGroupedLinear.apply(x, ends, groups, staged)
+    return ChunkedFrozenGroupedLinear.apply(x, ends, groups, chunk, reload, staged)
 
 
 KINDS = ("w1", "w3", "w2")
@@ -382,12 +382,13 @@ def lora_terms(x: torch.Tensor, ends: Ends, kinds, adapter: str) -> list[torch.T
     return terms
 
 
-def grouped_experts_forward(experts, adapters, hidden_states, top_k_index, top_k_weights, release=None) -> torch.Tensor:
+def grouped_experts_forward(experts, adapters, hidden_states, top_k_index, top_k_weights, stage=None) -> torch.Tensor:
     """What transformers' MixtralExperts computes, with `experts` a list of ExpertMLP (w1, w3, w2).
 
-    `release` (streamed experts) is called once the forward has read the packed weights for the last time: after w2's
-    dequantisation. With `experts.chunk` set, the frozen weights are dequantised that many experts at a time
-    (ChunkedFrozenGroupedLinear); backward reloads a streamed layer's packed experts to dequantise them again."""
+    `stage` (streamed experts, ExpertStreamer.loaded): stage(0) and stage(1) are entered around the dequantisation of
+    w1|w3 and of w2, and left right after it, which frees the staging buffer for the next copy. With `experts.chunk`
+    set, the frozen weights are dequantised that many experts at a time (ChunkedFrozenGroupedLinear); backward
+    reloads a streamed layer's packed experts, group by group, to dequantise them again."""
     top_k = top_k_index.shape[1]
     with torch.no_grad():  # searchsorted, not bincount: CUDA's bincount reads its input's maximum on the host
         routed, order = top_k_index.reshape(-1).sort(stable=True)
@@ -395,14 +396,14 @@ def grouped_experts_forward(experts, adapters, hidden_states, top_k_index, top_k
         token = order // top_k
     x = hidden_states.index_select(0, token)
     w1, w3, w2 = ([getattr(expert, name) for expert in experts] for name in ("w1", "w3", "w2"))
-    chunk, reload = experts.chunk, _reloader(experts)
-    gate, up = frozen_grouped_linear(x, ends, list(zip(w1, w3)), chunk, reload).chunk(2, dim=-1)
+    chunk = experts.chunk
+    gate, up = frozen_grouped_linear(x, ends, list(zip(w1, w3)), chunk, _reloader(experts, 0), stage and stage(0)).chunk(2, dim=-1)
     for adapter in adapters:
         gate_term, up_term = lora_terms(x, ends, [w1, w3], adapter)
         gate = torch.add(gate, gate_term, alpha=w1[0].scaling[adapter])
         up = torch.add(up, up_term, alpha=w3[0].scaling[adapter])
     h = experts[0].act_fn(gate) * up
-    y = frozen_grouped_linear(h, ends, [(layer,) for layer in w2], chunk, reload, release)
+    y = frozen_grouped_linear(h, ends, [(layer,) for layer in w2], chunk, _reloader(experts, 1), stage and stage(1))
     for adapter in adapters:
         (down_term,) = lora_terms(h, ends, [w2], adapter)
         y = torch.add(y, down_term, alpha=w2[0].scaling[adapter])
@@ -410,10 +411,16 @@ def grouped_experts_forward(experts, adapters, hidden_states, top_k_index, top_k
     return torch.zeros_like(hidden_states).index_add_(0, token, y.to(hidden_states.dtype))
 
 
-def _reloader(experts):
-    """What makes a layer's packed experts readable again in backward: a streamed layer's staging buffer
-    (without a prefetch: backward's order is not the one the streamer predicts), nothing for resident ones."""
+def _reloader(experts, group: int):
+    """What makes a layer's packed group (0: w1|w3, 1: w2) readable again in backward: a streamed layer's staging
+    buffer, nothing for resident ones."""
     if experts.stream is None:
         return contextlib.nullcontext
     streamer, position = experts.stream
-    return lambda: streamer.loaded(position, prefetch=False)
+
+    @contextlib.contextmanager
+    def reload():
+        with streamer.loaded(position, backward=True) as stage, stage(group):
+            yield
+
+    return reload
