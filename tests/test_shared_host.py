@@ -151,9 +151,13 @@ def test_one_process_keeps_its_copy_private_and_the_plan_counts_host_ram_per_nod
     monkeypatch.setenv("MTG_SHM_DIR", str(tmp_path))
     assert shared_host.node_share("somewhere", [1], 100, print) is None
     assert shared_host.node_host_budget(64 * 1024**3) == 64 * 1024**3
+    assert shared_host.free_bytes(tmp_path) > 0 and shared_host.free_bytes(tmp_path / "missing") is None
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # not halved: one copy for both ranks, bounded by the folder's room
-    assert shared_host.node_host_budget(1024**5) == shared_host.free_bytes(tmp_path) < 1024**5
+    monkeypatch.setattr(shared_host, "free_bytes", lambda folder: 5 * 1024**3 if folder == tmp_path else None)
+    assert shared_host.node_host_budget(64 * 1024**3) == 5 * 1024**3
     assert shared_host.node_host_budget(1024) == 1024
+    monkeypatch.setenv("MTG_SHM_DIR", str(tmp_path / "missing"))
+    assert shared_host.node_host_budget(64 * 1024**3) == 0  # nowhere to share it: the plan says the host does not fit
 
 
 def test_the_plan_under_torchrun_counts_the_streamed_experts_once_per_node(monkeypatch):
