@@ -3,7 +3,7 @@
     python benchmarks/gpu_moe.py                 # one H100/H200: 8 layers x 4096 tokens/step, a few minutes
     python benchmarks/gpu_moe.py --layers 4 8 --tokens 2048 4096   # the issue's full table
     python benchmarks/gpu_moe.py --small         # CPU smoke run with tiny shapes (the test suite runs this)
-    python benchmarks/gpu_moe.py --full          # the whole 32-layer model, experts streamed under 16/24 GiB budgets
+    python benchmarks/gpu_moe.py --full          # the whole 32-layer model, experts streamed under 8/16/24 GiB budgets
 
 Each configuration builds a Mixtral with random weights (hidden 4096, intermediate 14336, 8 experts
 top-2, 32/8 heads, vocab 32000) and a few layers, then times what mtg-train runs: forward under bf16
@@ -29,12 +29,17 @@ checks logits and one step's LoRA gradients of nf4 against bf16 (relative error)
 with the experts of the layers mtg_core's memory plan streams put in pinned host memory as they are
 quantised, and trains it under GPU budgets applied with torch.cuda.set_per_process_memory_fraction (so
 the run behaves like a smaller card): --offload-experts none (no budget), auto at 24 GiB, auto and all at
-16 GiB, each at 4 x 512 and 8 x 512 tokens per step. Each model runs in a process of its own: bitsandbytes
+16 GiB, each at 4 x 512 and 8 x 512 tokens per step, and auto at 8 GiB (the seed's 8 GB card: every layer
+streamed, experts dequantised in the chunk the plan picks) at 1 x 512, with the resident run at 1 x 512 to
+compare it with (goal: >= 0.3x its speed, peak allocated plus memory outside the allocator <= 7.5 GiB).
+Each model runs in a process of its own: bitsandbytes
 never frees paged optimizer state (cudaMallocManaged, bitsandbytes/functional.py:91-99, kept in its
 GlobalPageManager), the allocator's fraction does not cap it, and pinned host memory and the previous
 streamer go with the process. Each row: tokens/s and its ratio to the resident run, peak allocated and
-reserved, the peak device use including memory outside torch's allocator (mtg_core.device_memory), the
-planned total, streamed layers, host memory, and copies per step (measured and planned).
+reserved, the peak device use including memory outside torch's allocator (mtg_core.device_memory), peak
+allocated plus that outside memory, the planned total, streamed layers, experts dequantised at a time, host
+memory, and copies per step (measured and planned). --small --full runs the tiny model resident, streamed, and
+streamed with a budget that makes the plan chunk the experts (the CPU applies no budget: it checks the wiring).
 """
 
 from __future__ import annotations
@@ -265,37 +270,53 @@ def check_against_bf16(layers, seq, small, device, dtype):
             "lora_tensors_compared": len(errors)}
 
 
-FULL_RUNS = [("none", None), ("auto", 24), ("auto", 16), ("all", 16)]  # (--offload-experts, GiB budget)
+# (--offload-experts, GiB budget, tokens per step): 8 GiB plans to fit at 1 x 512 only, so the resident run has that row too
+FULL_RUNS = [("none", None, (512, 2048, 4096)), ("auto", 24, (2048, 4096)), ("auto", 16, (2048, 4096)), ("all", 16, (2048, 4096)),
+             ("auto", 8, (512,))]
 
 
-def full_plans(runs, token_counts, seq, small, device, dtype):
-    """(offload, budget GiB, tokens, plan) for every row of --full, planned as mtg-train plans."""
+def small_runs(seq: int, dtype) -> list:
+    """--small --full: resident, all streamed, and all streamed under a budget that makes the plan chunk the experts."""
+    import psutil
+
+    config = mixtral_config(4, True)
+    whole = plan_memory(config, TARGETS, 16, "nf4", 256 // seq, seq, dtype.itemsize, "cpu", psutil.virtual_memory().total, offload="all")
+    budget = whole.total_bytes - whole.dequantized_bytes // 2  # half the whole layer's dequantised experts less
+    return [("none", None, (256,)), ("all", None, (256,)), ("all", budget / GIB, (256,))]
+
+
+def full_plans(runs, seq, small, device, dtype):
+    """(offload, budget GiB, tokens, plan) for every row of --full, planned as mtg-train plans (auto aims at 90 % of
+    the budget, and the experts are dequantised in the largest chunk that fits when streaming all layers is not enough)."""
     import psutil
 
     config = mixtral_config(4 if small else 32, small)
-    total = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else psutil.virtual_memory().total
-    for offload, budget_gib in runs:
-        budget = int(budget_gib * GIB) if budget_gib else total
+    for offload, budget_gib, token_counts in runs:
+        if budget_gib:
+            budget = int(budget_gib * GIB)
+        else:  # the whole device
+            budget = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else psutil.virtual_memory().total
         for tokens in token_counts:
             yield offload, budget_gib, tokens, plan_memory(config, TARGETS, 16, "nf4", tokens // seq, seq, dtype.itemsize, device, budget,
                                                            offload=offload, host_free_bytes=psutil.virtual_memory().available)
 
 
-def measure_full(runs, token_counts, seq, steps, small, device, dtype) -> list[dict]:
-    """Every row of --full; each distinct model (budget and streamed layers) trains in a process of its own."""
+def measure_full(runs, seq, steps, small, device, dtype) -> list[dict]:
+    """Every row of --full; each distinct model (budget, streamed layers, chunk) trains in a process of its own."""
     rows, builds = [], {}
-    for offload, budget_gib, tokens, plan in full_plans(runs, token_counts, seq, small, device, dtype):
+    for offload, budget_gib, tokens, plan in full_plans(runs, seq, small, device, dtype):
         row = {"offload_experts": offload, "budget_gib": budget_gib, "tokens_per_step": tokens, "layers": 4 if small else 32,
-               "streamed_layers": plan.offloaded_layers, "planned_gib": round((plan.total_bytes - plan.overhead_bytes) / GIB, 3),
+               "streamed_layers": plan.offloaded_layers, "expert_chunk": plan.expert_chunk, "staging": plan.staging,
+               "planned_gib": round((plan.total_bytes - plan.overhead_bytes) / GIB, 3),
                "planned_with_cuda_context_gib": round(plan.total_bytes / GIB, 3), "planned_host_gib": round(plan.host_bytes / GIB, 3)}
         rows.append(row)
         if not plan.fits:
             row["skipped"] = "does not fit this budget by the plan"
             continue
-        builds.setdefault((budget_gib, plan.streamed_layers), []).append(row)
-    for (budget_gib, streamed), build_rows in builds.items():
-        job = {"budget_gib": budget_gib, "streamed": list(streamed), "tokens": [r["tokens_per_step"] for r in build_rows],
-               "seq": seq, "steps": steps, "small": small}
+        builds.setdefault((budget_gib, plan.streamed_layers, plan.expert_chunk, plan.staging), []).append(row)
+    for (budget_gib, streamed, chunk, staging), build_rows in builds.items():
+        job = {"budget_gib": budget_gib, "streamed": list(streamed), "expert_chunk": chunk, "staging": staging,
+               "tokens": [r["tokens_per_step"] for r in build_rows], "seq": seq, "steps": steps, "small": small}
         done = subprocess.run([sys.executable, __file__, "--full-build", json.dumps(job)], capture_output=True, text=True)
         results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode or len(results) != len(build_rows):
@@ -314,6 +335,7 @@ def full_build(job: dict, device: str, dtype: torch.dtype) -> None:
     import psutil
 
     from mtg_core.device_memory import DevicePeak
+    from mtg_core.moe.streaming import set_expert_chunk
     from mtg_core.plan import streamed_copies
 
     config = mixtral_config(4 if job["small"] else 32, job["small"])
@@ -321,6 +343,7 @@ def full_build(job: dict, device: str, dtype: torch.dtype) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, job["budget_gib"] * GIB / torch.cuda.get_device_properties(0).total_memory))
     started = time.perf_counter()
     model = add_lora(build_nf4(config, device, dtype, tuple(job["streamed"])))
+    set_expert_chunk(model, job["expert_chunk"], job["staging"])  # as mtg-train applies the plan's choices
     build_s = round(time.perf_counter() - started, 1)
     optimizer = paged_adamw_8bit([p for p in model.parameters() if p.requires_grad])
     model.train()
@@ -361,9 +384,11 @@ def full_build(job: dict, device: str, dtype: torch.dtype) -> None:
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3) if device == "cuda" else None,
             # paged optimizer state, CUDA context: what the fraction above does not cap
             "peak_device_gib": round(peak.peak() / GIB, 3) if peak is not None else None,
+            # the issue's 8 GiB bar: what torch allocated at its peak plus what the device used beyond the allocator
+            "peak_allocated_plus_outside_gib": round((torch.cuda.max_memory_allocated() + peak.outside) / GIB, 3) if peak is not None else None,
             "host_rss_gib": round(psutil.Process().memory_info().rss / GIB, 3),
             "copies_per_step": ((streamer.copies - copies) / steps) if streamer else 0,
-            "planned_copies_per_step": streamed_copies(len(job["streamed"])),
+            "planned_copies_per_step": streamed_copies(len(job["streamed"]), staging=job["staging"]),
         }), flush=True)
 
 
@@ -375,7 +400,7 @@ def main():
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--full", action="store_true", help="the whole 32-layer model under 16/24 GiB budgets, experts streamed")
+    parser.add_argument("--full", action="store_true", help="the whole 32-layer model under 8/16/24 GiB budgets, experts streamed")
     parser.add_argument("--full-build", help=argparse.SUPPRESS)  # one --full model, in the process --full starts for it
     args = parser.parse_args()
     device = "cpu" if args.small or not torch.cuda.is_available() else "cuda"
@@ -390,9 +415,8 @@ def main():
                       "date": time.strftime("%Y-%m-%d"),
                       "mfu_convention": "4N FLOPs/token (N: active frozen weights incl. lm_head) / 989e12 (H100 dense bf16)"}))
     if args.full:
-        token_counts = [256] if args.small else [2048, 4096]
-        runs = [("none", None), ("all", None)] if args.small else FULL_RUNS
-        for row in measure_full(runs, token_counts, args.seq, 2 if args.small else 3, args.small, device, dtype):
+        runs = small_runs(args.seq, dtype) if args.small else FULL_RUNS
+        for row in measure_full(runs, args.seq, 2 if args.small else 3, args.small, device, dtype):
             print(json.dumps(row))
         return
     print(json.dumps(check_against_bf16(args.layers[0], args.seq, args.small, device, dtype)))

@@ -339,7 +339,7 @@ def load_base(choice: BaseChoice, quant: str, log: Callable[[str], None] = print
             "the 4-bit Mixtral loads the hub layout (experts.N.w1/w2/w3) or fused experts (experts.gate_up_proj/down_proj)"
         )
     if streamed_layers:
-        from mtg_core.moe.streaming import load_streamed_experts
+        from mtg_core.moe.loading import load_streamed_experts
 
         load_streamed_experts(model, location, list(streamed_layers), dtype, log)
     report = count_quantized(model)

@@ -38,6 +38,7 @@ class MemoryPlan:
     # Experts streamed from host memory (see mtg_core.moe.streaming); weights_4bit_bytes excludes their packed data.
     streamed_layers: tuple[int, ...] = ()
     staging_bytes: int = 0  # the device buffers streamed experts are copied into
+    staging: str = "layer"  # what one holds: a layer's packed experts, or one matrix group of them (moe.streaming)
     host_bytes: int = 0  # pinned host memory holding the streamed experts, as pinned (whole pages)
     host_free_bytes: int | None = None
     transfer_bytes_per_step: int = 0  # host -> device per optimizer step (inference: per forward pass), in the steady state
@@ -90,15 +91,17 @@ def spread(count: int, layers: int) -> tuple[int, ...]:
     return tuple(int((i + 0.5) * layers / count) for i in range(count))
 
 
-def streamed_copies(streamed: int, training: bool = True) -> int:
+def streamed_copies(streamed: int, training: bool = True, staging: str = "layer") -> int:
     """Copies per forward + backward of a micro-batch (inference: per forward pass) with two staging buffers, in
-    the steady state. Training: the forward runs the streamed layers up, the checkpoint recompute down, and each
-    turn finds its two end layers still in the buffers (mtg_core.moe.streaming prefetches in that order); the
-    chunked path's backward finds its layer still there from the recompute. Inference runs them up every pass:
-    the buffers keep them only when they hold all of them."""
+    the steady state, each of a unit: a layer, or (staging "group") one of its two matrix groups, w1|w3 or w2.
+    Training: the forward runs the streamed units up, the checkpoint recompute down, and each turn finds its two
+    end units still in the buffers (mtg_core.moe.streaming prefetches in that order); the chunked path's backward
+    finds its units still there from the recompute. Inference runs them up every pass: the buffers keep them only
+    when they hold all of them. By groups each layer's two copies come in pairs: they add up to the layer."""
+    units = streamed * (2 if staging == "group" else 1)
     if not training:
-        return 0 if streamed <= STAGING_BUFFERS else streamed
-    return max(0, 2 * streamed - 2 * STAGING_BUFFERS)
+        return 0 if units <= STAGING_BUFFERS else units
+    return max(0, 2 * units - 2 * STAGING_BUFFERS)
 
 
 def plan_memory(model_config, target_modules, rank: int, quant: str, batch_size: int, seq_len: int,
@@ -123,24 +126,38 @@ def plan_memory(model_config, target_modules, rank: int, quant: str, batch_size:
                 break  # auto: as many layers resident as fit
             plan = streaming(plan, model_config, streamed, grad_accum)
     if offload != "none" and plan.total_bytes > target:  # "none": the run as it is (benchmarks plan with no budget)
-        for chunk in range(plan.experts - 1, 0, -1):  # the largest chunk that fits, or the smallest there is
-            plan = chunked(plan, model_config, chunk, compute_bytes)
-            if plan.total_bytes <= target:
-                break
+        plan = largest_chunk(plan, model_config, compute_bytes, target)
+        if plan.streamed_layers and plan.total_bytes > target:  # the last resort: buffers for a matrix group, not a layer
+            plan = largest_chunk(streaming(plan, model_config, plan.offloaded_layers, grad_accum, "group"),
+                                 model_config, compute_bytes, target)
     return plan
 
 
-def streaming(plan: MemoryPlan, model_config, streamed: int, grad_accum: int) -> MemoryPlan:
-    """`plan` with the experts of `streamed` layers in pinned host memory instead of on the device."""
+def largest_chunk(plan: MemoryPlan, model_config, compute_bytes: int, target: float) -> MemoryPlan:
+    """`plan` with the largest chunk of experts that fits `target`, or the smallest there is."""
+    for chunk in range(plan.experts - 1, 0, -1):
+        plan = chunked(plan, model_config, chunk, compute_bytes)
+        if plan.total_bytes <= target:
+            break
+    return plan
+
+
+def streaming(plan: MemoryPlan, model_config, streamed: int, grad_accum: int, staging: str = "layer") -> MemoryPlan:
+    """`plan` with the experts of `streamed` layers in pinned host memory instead of on the device, staged through
+    two device buffers of a layer's packed experts each, or (staging "group") of its larger matrix group, w1|w3."""
     layer_bytes = expert_packed_bytes(model_config)
+    unit_bytes = layer_bytes if staging == "layer" else 2 * layer_bytes // 3
+    units = streamed * (1 if staging == "layer" else 2)
+    copies = streamed_copies(streamed, plan.training, staging)
     resident = plan.weights_4bit_bytes + plan.offloaded_layers * layer_bytes
     return attrs.evolve(
         plan,
         weights_4bit_bytes=resident - streamed * layer_bytes,
         streamed_layers=spread(streamed, model_config.num_hidden_layers),
-        staging_bytes=min(streamed, STAGING_BUFFERS) * layer_bytes,
+        staging=staging,
+        staging_bytes=min(units, STAGING_BUFFERS) * unit_bytes,
         host_bytes=streamed * pinned_bytes(layer_bytes),
-        transfer_bytes_per_step=(grad_accum if plan.training else 1) * streamed_copies(streamed, plan.training) * layer_bytes,
+        transfer_bytes_per_step=(grad_accum if plan.training else 1) * copies * layer_bytes // (units // streamed),
     )
 
 
@@ -284,7 +301,7 @@ def describe(plan: MemoryPlan) -> list[str]:
         ("optimizer state (8-bit AdamW)", plan.optimizer_bytes),
         ("activations (gradient checkpointing)" if plan.training else "activations and KV cache", plan.activation_bytes),
         ("logits and their gradient" if plan.training else "logits and the loss", plan.logits_bytes),
-        ("staging buffers for streamed experts (2 layers)", plan.staging_bytes),
+        (f"staging buffers for streamed experts (2 {plan.staging}s)", plan.staging_bytes),
         ("CUDA context", plan.overhead_bytes),
     ]
     if plan.experts:

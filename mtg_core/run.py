@@ -13,7 +13,6 @@ from pathlib import Path
 import attrs
 import click
 
-from mtg_core.distributed import local_world_size
 from mtg_core.errors import ConfigError, MtgError
 from mtg_core.experts import LoraSettings
 from mtg_core.plugins import ALLOW_LIST_ENV, Expert, Registry
@@ -71,7 +70,7 @@ class Run:
         chunks = [plan.expert_chunk for plan in self.plans if plan.expert_chunk is not None]
         if chunks:
             say(f"experts dequantised {min(chunks)} of {self.plans[0].experts} at a time (the memory plan's chunk)")
-        set_expert_chunk(base.model, min(chunks, default=None))
+        set_expert_chunk(base.model, min(chunks, default=None), "group" if any(plan.staging == "group" for plan in self.plans) else "layer")
         return base
 
 
@@ -124,6 +123,7 @@ def memory_plan(choice, lora: LoraSettings, options: TrainOptions, *, rent: bool
     import psutil
 
     from mtg_core.base_models import base_config, device_and_dtype, free_memory
+    from mtg_core.moe.shared_host import node_host_budget
     from mtg_core.plan import GIB, meta_model, plan_memory, settings_that_fit
     from mtg_core.plugins.targets import check_targets
 
@@ -143,7 +143,7 @@ def memory_plan(choice, lora: LoraSettings, options: TrainOptions, *, rent: bool
             budget = min(budget, int(options.gpu_memory * GIB))
         if options.host_memory is not None:
             host = min(host, int(options.host_memory * GIB))
-    host //= local_world_size()  # every rank of a node pins its own copy of the streamed experts
+        host = node_host_budget(host)  # one copy of the streamed experts per node, in its shared-memory folder
 
     def plan_for(batch_size: int, seq_len: int, offload: str = options.offload_experts):
         return plan_memory(config, lora.target_modules, lora.rank, options.quant, batch_size, seq_len, compute_bytes,

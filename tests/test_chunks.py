@@ -144,3 +144,73 @@ def test_mtg_train_dequantises_in_the_plans_chunk_and_writes_the_same_adapter(tm
     meta = json.loads((tmp_path / "chunked" / "explain" / "training_meta.json").read_text())
     assert meta["memory_plan"]["expert_chunk"] == 5 and meta["memory_plan"]["fits"]
     assert "experts dequantised 5 of 8 at a time" in (tmp_path / "chunked" / "training_log.txt").read_text()
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_staging_by_matrix_group_gives_the_whole_layer_staging_results(four_layers, chunk, dropout):
+    """Two micro-batches (the second in the steady state of the prefetches) staged by group, bit-identical to staging
+    by layer: the same packed bytes reach the same dequantisations, only through smaller buffers."""
+    results = {}
+    for staging in ("layer", "group"):
+        base = load_base(four_layers, "nf4", log=lambda _: None, streamed_layers=(0, 1, 2, 3))
+        set_expert_chunk(base.model, chunk, staging)
+        streamer = base.model.expert_streamer
+        model = with_lora(base.model, dropout)
+        results[staging] = [train_step(model), train_step(model)]
+        sizes = [slot.buffer.numel() for slot in streamer.slots]
+        assert streamer.staging == staging and len(sizes) == 2
+        layer = streamer.layers[0].host.numel()
+        assert sizes == [layer, layer] if staging == "layer" else sizes == [2 * layer // 3] * 2  # w1|w3, the larger group
+    for (logits, grads, adapter), (group_logits, group_grads, group_adapter) in zip(results["layer"], results["group"]):
+        assert torch.equal(logits, group_logits)
+        assert grads.keys() == group_grads.keys() and all(torch.equal(grads[n], group_grads[n]) for n in grads)
+        assert adapter.keys() == group_adapter.keys() and all(torch.equal(adapter[n], group_adapter[n]) for n in adapter)
+
+
+def test_the_plan_stages_by_group_only_when_no_chunk_fits_with_whole_layer_buffers():
+    from mtg_core.plan import describe, expert_packed_bytes
+
+    config = mixtral_config(32, small=False)
+    layer = expert_packed_bytes(config)
+
+    def plan(budget):
+        return plan_memory(config, TARGETS, 16, "nf4", 1, 512, 2, "cuda", int(budget * GIB), offload="auto", grad_accum=4)
+
+    eight, smaller, smallest = plan(8.0), plan(7.5), plan(7.25)
+    assert (eight.staging, eight.expert_chunk, eight.staging_bytes) == ("layer", 2, 2 * layer)  # 8 GiB as before
+    assert chunked(eight, config, 1, 2).total_bytes > AUTO_SHARE * 7.5 * GIB  # 7.5 GiB: no chunk fits whole-layer buffers ...
+    assert (smaller.staging, smaller.expert_chunk) == ("group", 2) and smaller.total_bytes <= AUTO_SHARE * 7.5 * GIB  # ... by group they do
+    assert (smallest.staging, smallest.expert_chunk) == ("group", 1) and smallest.total_bytes <= AUTO_SHARE * 7.25 * GIB
+    assert smaller.staging_bytes == 2 * (2 * layer // 3) == eight.staging_bytes - 0.4375 * GIB  # two w1|w3 groups: 0.875 GiB
+    # per micro-batch 4N - 4 group copies, in pairs that add up to 2N - 2 layers (by layer: 2N - 4)
+    assert streamed_copies(32, staging="group") == 124 and smaller.transfer_bytes_per_step == 4 * 62 * layer
+    assert eight.transfer_bytes_per_step == 4 * 60 * layer
+    assert any("staging buffers for streamed experts (2 groups)" in line for line in describe(smaller))
+
+
+def test_mtg_train_stages_by_group_when_the_plan_needs_it_and_writes_the_same_adapter(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from mtg_core.base_models import TINY
+    from mtg_core.commands.train import train_command
+    from mtg_core.plugins import Registry
+    from mtg_core.run import TrainOptions, memory_plan
+
+    registry = Registry.discover()
+    options = TrainOptions(batch_size=2, grad_accum=2, seq_len=128, offload_experts="all")
+    plan, _ = memory_plan(choose_base(TINY), registry.lora_settings(registry.expert("explain")), options)
+    budget = (chunked(plan, base_config(choose_base(TINY)), 1, 4).total_bytes - 1024) / GIB  # not even 1 expert at a time fits by layer
+    args = ["--expert", "explain", "--max-samples", "8", "--batch-size", "2", "--grad-accum", "2", "--seq-len", "128", "--max-steps", "2",
+            "--offload-experts", "all"]
+    for name, extra in (("whole", []), ("grouped", ["--gpu-memory", f"{budget:.12f}"])):
+        result = CliRunner().invoke(train_command, [*args, *extra, "--output-dir", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+    whole, grouped_ = (load_file(tmp_path / name / "explain" / "adapter_model.safetensors") for name in ("whole", "grouped"))
+    assert whole.keys() == grouped_.keys() and all(torch.equal(whole[k], grouped_[k]) for k in whole)
+    meta = json.loads((tmp_path / "grouped" / "explain" / "training_meta.json").read_text())
+    assert meta["memory_plan"]["staging"] == "group" and meta["memory_plan"]["fits"] and meta["memory_plan"]["expert_chunk"] is not None
+    assert "streamed experts staged by matrix group" in (tmp_path / "grouped" / "training_log.txt").read_text()

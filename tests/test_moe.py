@@ -15,7 +15,7 @@ from transformers import BitsAndBytesConfig
 from mtg_core.base_models import TINY_CONFIG, ensure_tiny_mixtral
 from mtg_core.errors import ConfigError
 from mtg_core.moe import LinearExperts, MtgMixtralForCausalLM, grouped_mm
-from mtg_core.moe import dropout, grouped
+from mtg_core.moe import dequantize, dropout, grouped
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]
 EXPERTS, HIDDEN, INTER = TINY_CONFIG["num_local_experts"], TINY_CONFIG["hidden_size"], TINY_CONFIG["intermediate_size"]
@@ -221,7 +221,7 @@ def test_batched_dequantisation_equals_one_call_per_matrix(shape, together):
     for _, packed, state in matrices:
         weight = bnb.nn.Params4bit(packed.data, requires_grad=False, quant_state=state, quant_type="nf4", bnb_quantized=True)
         weights.append(weight)
-    assert grouped._dequantizes_together(weights) is together
+    assert dequantize.dequantizes_together(weights) is together
     groups = [(nn.Linear(1, 1), nn.Linear(1, 1)) for _ in range(3)]  # 3 experts x 2 matrices
     for (a, b), wa, wb in zip(groups, weights[::2], weights[1::2]):
         a.weight, b.weight = wa, wb
@@ -328,7 +328,7 @@ def test_resident_experts_are_laid_out_contiguously_once_and_never_concatenated_
     x, index, weights = torch.randn(40, HIDDEN), torch.randint(0, EXPERTS, (40, 2)), torch.rand(40, 2).softmax(-1)
     expected = layer(x, index, weights)  # first use: laid out
     params = packing_order(layer)
-    assert layer.packed and grouped._adjacent(params) is not None
+    assert layer.packed and dequantize.adjacent(params) is not None
     pointers = [p.data_ptr() for p in params]
     with CountOps() as counted:
         again = layer(x, index, weights)

@@ -16,7 +16,7 @@ from conftest import tiny_mixtral_folder
 from mtg_core.base_models import base_config, choose_base, load_base
 from mtg_core.commands.eval import eval_command
 from mtg_core.commands.train import train_command
-from mtg_core.moe import grouped, layout, streaming
+from mtg_core.moe import grouped, streaming
 from mtg_core.plan import GIB, expert_packed_bytes, pinned_bytes, plan_memory, streamed_copies
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]
@@ -73,10 +73,15 @@ def test_copies_follow_the_forward_up_and_the_recompute_down_through_two_buffers
     original = type(streamer).loaded
 
     @contextmanager
-    def watching(self, position):  # which buffer each layer's weights point into while it runs
-        with original(self, position):
-            seen.add(self.layers[position].params[0][0].data.untyped_storage().data_ptr())
-            yield
+    def watching(self, position, backward=False):  # which buffer each layer's weights point into while it runs
+        with original(self, position, backward) as stage:
+            @contextmanager
+            def watched(group):
+                with stage(group):
+                    seen.add(self.layers[position].params[0][0].data.untyped_storage().data_ptr())
+                    yield
+
+            yield watched
 
     step(model)
     first = list(streamer.log)
@@ -156,25 +161,23 @@ def test_what_is_pinned_is_what_the_plan_counts_not_a_power_of_two(six_layers, m
     assert mixtral_plan(16, "all").host_bytes == 32 * layer  # 21 GiB, not 32
 
 
-def test_a_staging_buffer_is_released_right_after_its_last_dequantisation(six_layers, monkeypatch):
-    """The w2 dequantisation is the staging buffer's last reader: `free` is recorded before the w2 GEMMs."""
+@pytest.mark.parametrize("staging", ["layer", "group"])
+def test_a_staging_buffer_is_released_right_after_its_last_dequantisation(six_layers, monkeypatch, staging):
+    """A buffer's last reader is a dequantisation: `free` is recorded before the GEMMs that follow it (by layer: w2's;
+    by group: w1|w3's frees its buffer, then w2's)."""
     events = []
-    stacked, gemm, forward = grouped.stacked_frozen_weights, grouped.grouped_mm, layout.grouped_experts_forward
-
-    def logged_forward(experts, adapters, hidden, index, weights, release=None):
-        def logged_release():
-            events.append("release")
-            release()
-        return forward(experts, adapters, hidden, index, weights, release and logged_release)  # None: a resident layer
-
+    stacked, gemm, release = grouped.stacked_frozen_weights, grouped.grouped_mm, streaming.ExpertStreamer._release
     monkeypatch.setattr(grouped, "stacked_frozen_weights", lambda groups, dtype: events.append(f"dequantise {len(groups[0])}") or stacked(groups, dtype))
     monkeypatch.setattr(grouped, "grouped_mm", lambda *args: events.append("gemm") or gemm(*args))
-    monkeypatch.setattr(layout, "grouped_experts_forward", logged_forward)
-    model = with_lora(load_base(six_layers, "nf4", log=lambda _: None, streamed_layers=(2,)).model)
+    monkeypatch.setattr(streaming.ExpertStreamer, "_release", lambda self, slot: events.append("release") or release(self, slot))
+    base = load_base(six_layers, "nf4", log=lambda _: None, streamed_layers=(2,))
+    streaming.set_expert_chunk(base.model, None, staging)
+    model = with_lora(base.model)
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3, 4]]))
-    released = events.index("release")  # layer 2, the one streamed layer
-    assert events.count("release") == 1 and events[released - 1 : released + 2] == ["dequantise 1", "release", "gemm"]
+    released = [i for i, event in enumerate(events) if event == "release"]  # layer 2, the one streamed layer
+    expected = [["dequantise 1", "release", "gemm"]] if staging == "layer" else [["dequantise 2", "release", "gemm"], ["dequantise 1", "release", "gemm"]]
+    assert [events[i - 1 : i + 2] for i in released] == expected
 
 
 def mixtral_plan(budget_gib, offload, host_gib=128, batch=4):
@@ -226,3 +229,31 @@ def test_training_with_every_expert_streamed_writes_the_same_adapter(tmp_path):
         assert result.exit_code == 0, result.output
         losses[offload] = json.loads((tmp_path / "none" / "explain" / "eval.json").read_text())["heldout_loss"]
     assert losses["none"] == losses["all"]
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_staged_by_group_the_copies_and_buffers_are_what_the_plan_counts(six_layers, chunk):
+    """By group: w1|w3 and w2 of each layer copied one after the other, each into the buffer the previous group freed;
+    the turns find their two end groups still there; copies, bytes and buffers as the plan counts them."""
+    from mtg_core.plan import streaming as plan_streaming
+
+    base = load_base(six_layers, "nf4", log=lambda _: None, streamed_layers=tuple(range(6)))
+    streaming.set_expert_chunk(base.model, chunk, "group")
+    model = with_lora(base.model)
+    streamer = base.model.expert_streamer
+    streamer.log = []
+    step(model)
+    first = list(streamer.log)
+    streamer.log.clear()
+    copied = streamer.copied_bytes
+    step(model)
+    up = [(layer, group, "prefetch") for layer in range(6) for group in ("w1|w3", "w2")]
+    down = [(layer, group, "prefetch") for layer in range(4, -1, -1) for group in ("w1|w3", "w2")]
+    assert first == [(0, "w1|w3", "demand"), *up[1:], *down]
+    assert streamer.log == [*up[2:], *down]  # the steady state: every copy ahead of need
+    config = base_config(six_layers)
+    plan = plan_streaming(plan_memory(config, TARGETS, 4, "nf4", 2, 10, 4, "cpu", GIB, offload="all", grad_accum=3),
+                          config, 6, 3, "group")
+    assert len(streamer.log) == streamed_copies(6, staging="group") == 20
+    assert 3 * (streamer.copied_bytes - copied) == plan.transfer_bytes_per_step == 3 * 10 * expert_packed_bytes(config)
+    assert sum(slot.buffer.numel() for slot in streamer.slots) == plan.staging_bytes == 2 * (2 * expert_packed_bytes(config) // 3)

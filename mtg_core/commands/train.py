@@ -98,8 +98,8 @@ def _plan(registry: Registry, name, all_experts, base_model, hyper: dict, as_jso
         if not as_json:
             from mtg_core.plan import describe
 
-            per_gpu = (f", per process of {world_size()} (each holds the whole base and pins its own streamed experts: "
-                       f"host RAM shared by {local_world_size()} on this node)" if world_size() > 1 else "")
+            per_gpu = (f", per process of {world_size()} (each holds the whole base; the streamed experts' pinned host "
+                       f"memory is one copy shared by the {local_world_size()} processes on this node)" if world_size() > 1 else "")
             click.echo(f"{expert.name} on {choice.name}, batch {options.batch_size} x seq {options.seq_len}, quant {options.quant}{per_gpu}:")
             if plan.device == "cuda" and not _has_cuda():
                 host = "--host-memory" if options.host_memory is not None else "this machine's available RAM"

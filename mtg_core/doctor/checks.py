@@ -114,7 +114,7 @@ def nf4_dequantisation(bench: Bench):
 
     from mtg_core.moe.grouped import stacked_frozen_weights
     from mtg_core.moe.synthetic import random_matrix
-    from mtg_core.moe.streaming import quantized_linear
+    from mtg_core.moe.loading import quantized_linear
 
     hidden, inter = bench.config.hidden_size, bench.config.intermediate_size
     weights = [random_matrix(f"doctor.{i}", inter, hidden, bench.device, bench.dtype) for i in range(4)]

@@ -1,7 +1,10 @@
 """Mixtral's experts as per-expert Linear layers (4-bit while loading, LoRA by name), run in grouped GEMMs.
 
-layout: the model classes; grouped: the grouped-GEMM path (frozen weights and LoRA); checkpoints:
-fused-expert checkpoints rewritten in the hub layout.
+layout: the model classes; grouped: the grouped-GEMM path (frozen weights and LoRA); dequantize: a group of
+NF4 experts dequantised at once; dropout: LoRA dropout with cheap masks; streaming: experts streamed from host
+memory through two staging buffers; loading: the streamed layers loaded from the checkpoint into host memory;
+shared_host: one host copy per node under torchrun; checkpoints: fused-expert checkpoints rewritten in the hub
+layout; synthetic: random Mixtral-shaped models for benchmarks and mtg-doctor.
 """
 
 from mtg_core.moe.checkpoints import has_fused_experts, unfuse_checkpoint

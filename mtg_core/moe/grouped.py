@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from mtg_core.errors import ConfigError
+from mtg_core.moe.dequantize import frozen_weights, is_quantized, matrix_shape, stacked_frozen_weights
 from mtg_core.moe.dropout import LoraDropout, dropped
 
 BACKENDS = ("grouped_mm", "loop")  # torch._grouped_mm, or one matmul per expert (reads `ends` on the host)
@@ -120,98 +121,6 @@ def _pad_rows(t: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
     return nn.functional.pad(t, pad)
 
 
-def _weights(layers) -> list[torch.Tensor]:
-    return [getattr(layer, "base_layer", layer).weight for layer in layers]
-
-
-def _quantized(weight: torch.Tensor) -> bool:
-    return type(weight).__name__ == "Params4bit"
-
-
-def _matrix_shape(weight: torch.Tensor) -> torch.Size:
-    return weight.quant_state.shape if _quantized(weight) else weight.shape
-
-
-def _dequantizes_together(weights) -> bool:
-    """Whether a group of Params4bit can be dequantised as one tensor: same format, and no 4-bit block and
-    no block of the double-quantised constants straddling two matrices."""
-    first = weights[0].quant_state
-    for weight in weights:
-        state = weight.quant_state
-        if (state.shape != first.shape or state.blocksize != first.blocksize or state.quant_type != first.quant_type
-                or state.nested != first.nested or state.shape.numel() % state.blocksize):
-            return False
-        if state.nested and (state.state2.blocksize != first.state2.blocksize or state.absmax.numel() % state.state2.blocksize):
-            return False
-    return True
-
-
-def stacked_frozen_weights(groups, dtype: torch.dtype) -> torch.Tensor:
-    """[E, out, in]: per expert, its frozen Linear weights (w1 and w3, or w2) concatenated along `out`.
-
-    All of a group's weights are NF4, or none is (grouped_adapters checks)."""
-    weights = _weights(layer for group in groups for layer in group)
-    shapes = [_matrix_shape(w) for w in weights]
-    stacked_shape = (len(groups), sum(s[0] for s in shapes[: len(groups[0])]), shapes[0][1])
-    if not _quantized(weights[0]):
-        return torch.cat(weights).to(dtype).view(stacked_shape)
-    if _dequantizes_together(weights):
-        return _dequantize_together(weights, stacked_shape, dtype)
-    return _dequantize_each(weights, dtype).view(stacked_shape)
-
-
-def _dequantize_together(weights, shape, dtype: torch.dtype) -> torch.Tensor:
-    """All matrices of a group in one dequantisation: their packed data and constants concatenated.
-
-    bitsandbytes quantises each matrix on its own (own absmax, own double-quantisation offset), but its
-    kernels only need the blocks in order: with no block straddling two matrices, the concatenation is
-    the same maths as one call per matrix, in a few launches instead of a few per matrix. The copy of the
-    packed data costs a quarter of the bf16 output's traffic.
-    """
-    import bitsandbytes.functional as bnbf
-
-    states = [w.quant_state for w in weights]
-    first = states[0]
-    with torch._C.DisableTorchFunctionSubclass():  # plain tensors: Params4bit would wrap the result
-        packed = _adjacent(weights)  # streamed experts sit back to back in their staging buffer
-        if packed is None:
-            packed = torch.cat(weights)
-    absmax = torch.stack([s.absmax for s in states])  # the kernels read absmax as flat memory: [M, blocks] is fine
-    if first.nested:
-        nested = bnbf.QuantState(absmax=torch.cat([s.state2.absmax for s in states]), code=first.state2.code,
-                                 blocksize=first.state2.blocksize, dtype=torch.float32)
-        absmax = bnbf.dequantize_blockwise(absmax, nested) + torch.stack([s.offset for s in states]).view(-1, 1)
-    state = bnbf.QuantState(absmax=absmax, shape=torch.Size(shape), code=first.code, blocksize=first.blocksize,
-                            quant_type=first.quant_type, dtype=dtype)
-    return bnbf.dequantize_4bit(packed, state)
-
-
-def _adjacent(weights) -> torch.Tensor | None:
-    """The packed data of `weights` as one tensor without a copy, when they are consecutive in one storage
-    (streamed experts in their staging buffer). Reads pointers only: `.data` would dispatch a detach each."""
-    storage = weights[0].untyped_storage().data_ptr()
-    end = weights[0].data_ptr()
-    for weight in weights:
-        if weight.data_ptr() != end or weight.untyped_storage().data_ptr() != storage or not weight.is_contiguous():
-            return None
-        end += weight.numel() * weight.element_size()
-    return weights[0].as_strided((sum(w.numel() for w in weights), 1), (1, 1))  # one view op, over all of them
-
-
-def _dequantize_each(weights, dtype: torch.dtype) -> torch.Tensor:
-    """One dequantisation per matrix into one buffer (matrices whose blocks do not line up)."""
-    import bitsandbytes.functional as bnbf
-
-    rows = [w.quant_state.shape[0] for w in weights]
-    stacked = torch.empty(sum(rows), weights[0].quant_state.shape[1], dtype=dtype, device=weights[0].device)
-    for weight, target in zip(weights, stacked.split(rows)):
-        if target.is_cuda and weight.quant_state.dtype == dtype:
-            bnbf.dequantize_4bit(weight.data, weight.quant_state, out=target)
-        else:  # bitsandbytes has no CPU out= kernel
-            target.copy_(bnbf.dequantize_4bit(weight.data, weight.quant_state))
-    return stacked
-
-
 class FrozenGroupedLinear(torch.autograd.Function):
     """x @ W_e.T for every expert at once, with the frozen W_e of each expert stacked [E, out, in].
 
@@ -222,10 +131,9 @@ class FrozenGroupedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, ends, groups, dequantised=None):
-        weight = stacked_frozen_weights(groups, x.dtype)
-        if dequantised is not None:
-            dequantised()
+    def forward(ctx, x, ends, groups, staged):
+        with staged:  # a streamed layer's packed group readable inside; its buffer released before the GEMM
+            weight = stacked_frozen_weights(groups, x.dtype)
         ctx.save_for_backward(weight)
         ctx.ends = ends  # not a saved tensor: backward reuses its host copy, if the forward read one
         return grouped_mm(x, weight.transpose(1, 2), ends)
@@ -240,16 +148,15 @@ class FrozenGroupedLinear(torch.autograd.Function):
 class ChunkedFrozenGroupedLinear(torch.autograd.Function):
     """FrozenGroupedLinear `chunk` experts at a time: each chunk is dequantised, multiplied (the same grouped GEMM
     over its experts' rows) and dropped before the next, and backward dequantises them again instead of keeping
-    them, so at most one chunk's dequantised weights are alive (plan.dequantized_bytes). `reload` enters what
+    them, so at most one chunk's dequantised weights are alive (plan.dequantized_bytes). `reload()` enters what
     makes the packed data readable again in backward (a streamed layer's staging buffer). The chunks' row ranges
     come from the host copy of `ends`: one host sync per layer, the price of bounding the dequantised bytes.
     """
 
     @staticmethod
-    def forward(ctx, x, ends, groups, chunk, reload, dequantised=None):
-        out = _by_chunks(x, ends, groups, chunk, forward=True)
-        if dequantised is not None:
-            dequantised()
+    def forward(ctx, x, ends, groups, chunk, reload, staged):
+        with staged:
+            out = _by_chunks(x, ends, groups, chunk, forward=True)
         ctx.ends, ctx.groups, ctx.chunk, ctx.reload = ends, groups, chunk, reload
         return out
 
@@ -281,15 +188,17 @@ def _by_chunks(x: torch.Tensor, ends: Ends, groups, chunk: int, forward: bool) -
 
 def _group_shape(group) -> tuple[int, int]:
     """(out, in) of one expert's stacked group (w1 and w3 concatenated along out, or w2)."""
-    shapes = [_matrix_shape(weight) for weight in _weights(group)]
+    shapes = [matrix_shape(weight) for weight in frozen_weights(group)]
     return sum(shape[0] for shape in shapes), shapes[0][1]
 
 
-def frozen_grouped_linear(x, ends, groups, chunk: int | None, reload, dequantised=None):
-    """FrozenGroupedLinear, or ChunkedFrozenGroupedLinear when `chunk` is fewer experts than there are."""
+def frozen_grouped_linear(x, ends, groups, chunk: int | None, reload, staged=None):
+    """FrozenGroupedLinear, or ChunkedFrozenGroupedLinear when `chunk` is fewer experts than there are. `staged`: the
+    context within which a streamed layer's packed group is readable (moe.streaming); None for a resident layer."""
+    staged = staged if staged is not None else contextlib.nullcontext()
     if chunk is None or chunk >= len(groups):
-        return FrozenGroupedLinear.apply(x, ends, groups, dequantised)
-    return ChunkedFrozenGroupedLinear.apply(x, ends, groups, chunk, reload, dequantised)
+        return FrozenGroupedLinear.apply(x, ends, groups, staged)
+    return ChunkedFrozenGroupedLinear.apply(x, ends, groups, chunk, reload, staged)
 
 
 KINDS = ("w1", "w3", "w2")
@@ -319,7 +228,7 @@ def grouped_adapters(experts) -> list[str] | None:
     other weights, LoRA variants, or LoRA that differs between experts."""
     kinds = [[getattr(expert, name) for expert in experts] for name in KINDS]
     layers = [layer for kind in kinds for layer in kind]
-    if not all(_frozen_linear(layer) for layer in layers) or len({_quantized(w) for w in _weights(layers)}) > 1:
+    if not all(_frozen_linear(layer) for layer in layers) or len({is_quantized(w) for w in frozen_weights(layers)}) > 1:
         return None
     if not any(hasattr(layer, "lora_A") for layer in layers):
         return []
@@ -382,12 +291,13 @@ def lora_terms(x: torch.Tensor, ends: Ends, kinds, adapter: str) -> list[torch.T
     return terms
 
 
-def grouped_experts_forward(experts, adapters, hidden_states, top_k_index, top_k_weights, release=None) -> torch.Tensor:
+def grouped_experts_forward(experts, adapters, hidden_states, top_k_index, top_k_weights, stage=None) -> torch.Tensor:
     """What transformers' MixtralExperts computes, with `experts` a list of ExpertMLP (w1, w3, w2).
 
-    `release` (streamed experts) is called once the forward has read the packed weights for the last time: after w2's
-    dequantisation. With `experts.chunk` set, the frozen weights are dequantised that many experts at a time
-    (ChunkedFrozenGroupedLinear); backward reloads a streamed layer's packed experts to dequantise them again."""
+    `stage` (streamed experts, ExpertStreamer.loaded): stage(0) and stage(1) are entered around the dequantisation of
+    w1|w3 and of w2, and left right after it, which frees the staging buffer for the next copy. With `experts.chunk`
+    set, the frozen weights are dequantised that many experts at a time (ChunkedFrozenGroupedLinear); backward
+    reloads a streamed layer's packed experts, group by group, to dequantise them again."""
     top_k = top_k_index.shape[1]
     with torch.no_grad():  # searchsorted, not bincount: CUDA's bincount reads its input's maximum on the host
         routed, order = top_k_index.reshape(-1).sort(stable=True)
@@ -395,14 +305,14 @@ def grouped_experts_forward(experts, adapters, hidden_states, top_k_index, top_k
         token = order // top_k
     x = hidden_states.index_select(0, token)
     w1, w3, w2 = ([getattr(expert, name) for expert in experts] for name in ("w1", "w3", "w2"))
-    chunk, reload = experts.chunk, _reloader(experts)
-    gate, up = frozen_grouped_linear(x, ends, list(zip(w1, w3)), chunk, reload).chunk(2, dim=-1)
+    chunk = experts.chunk
+    gate, up = frozen_grouped_linear(x, ends, list(zip(w1, w3)), chunk, _reloader(experts, 0), stage and stage(0)).chunk(2, dim=-1)
     for adapter in adapters:
         gate_term, up_term = lora_terms(x, ends, [w1, w3], adapter)
         gate = torch.add(gate, gate_term, alpha=w1[0].scaling[adapter])
         up = torch.add(up, up_term, alpha=w3[0].scaling[adapter])
     h = experts[0].act_fn(gate) * up
-    y = frozen_grouped_linear(h, ends, [(layer,) for layer in w2], chunk, reload, release)
+    y = frozen_grouped_linear(h, ends, [(layer,) for layer in w2], chunk, _reloader(experts, 1), stage and stage(1))
     for adapter in adapters:
         (down_term,) = lora_terms(h, ends, [w2], adapter)
         y = torch.add(y, down_term, alpha=w2[0].scaling[adapter])
@@ -410,10 +320,16 @@ def grouped_experts_forward(experts, adapters, hidden_states, top_k_index, top_k
     return torch.zeros_like(hidden_states).index_add_(0, token, y.to(hidden_states.dtype))
 
 
-def _reloader(experts):
-    """What makes a layer's packed experts readable again in backward: a streamed layer's staging buffer
-    (without a prefetch: backward's order is not the one the streamer predicts), nothing for resident ones."""
+def _reloader(experts, group: int):
+    """What makes a layer's packed group (0: w1|w3, 1: w2) readable again in backward: a streamed layer's staging
+    buffer, nothing for resident ones."""
     if experts.stream is None:
         return contextlib.nullcontext
     streamer, position = experts.stream
-    return lambda: streamer.loaded(position, prefetch=False)
+
+    @contextlib.contextmanager
+    def reload():
+        with streamer.loaded(position, backward=True) as stage, stage(group):
+            yield
+
+    return reload

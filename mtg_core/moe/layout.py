@@ -55,17 +55,17 @@ class LinearExperts(nn.ModuleList):
         if self.stream is None:
             return self._forward(hidden_states, top_k_index, top_k_weights)
         streamer, position = self.stream
-        with streamer.loaded(position) as release:
-            return self._forward(hidden_states, top_k_index, top_k_weights, release)
+        with streamer.loaded(position) as stage:
+            return self._forward(hidden_states, top_k_index, top_k_weights, stage)
 
     def _forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                 release=None) -> torch.Tensor:
+                 stage=None) -> torch.Tensor:
         adapters = grouped_adapters(self) if self.grouped else None
         if adapters is not None:
             if self.stream is None and not self.packed:
                 pack_contiguously(self)
                 self.packed = True
-            return grouped_experts_forward(self, adapters, hidden_states, top_k_index, top_k_weights, release)
+            return grouped_experts_forward(self, adapters, hidden_states, top_k_index, top_k_weights, stage)
         if self.stream is not None:
             # bitsandbytes' own backward reads the packed weight again, after the staging buffer moved on
             raise ConfigError("experts streamed from host memory need the grouped path (plain LoRA, the same on every "

@@ -1,8 +1,8 @@
 """Mixtral-shaped NF4 models from random weights, built one matrix at a time (never all bf16 at once).
 
 benchmarks/gpu_moe.py --full and mtg-doctor train these: the real layout (mtg_core.moe.layout), the real
-quantisation (streaming.quantized_linear, as transformers + bitsandbytes load a checkpoint) and, for the
-streamed layers, the real host staging (streaming.install_streamed_layer). Each matrix draws from its own
+quantisation (loading.quantized_linear, as transformers + bitsandbytes load a checkpoint) and, for the
+streamed layers, the real host staging (loading.install_streamed_layer). Each matrix draws from its own
 generator seeded by its name, so a model with streamed layers has exactly the weights of the resident one.
 """
 
@@ -37,7 +37,8 @@ def build_nf4(config, device, dtype: torch.dtype, streamed: tuple[int, ...] = ()
 
     from mtg_core.base_models import QUANTIZED_PARTS
     from mtg_core.moe.layout import MtgMixtralForCausalLM
-    from mtg_core.moe.streaming import attach, install_streamed_layer, quantized_linear
+    from mtg_core.moe.loading import install_streamed_layer, quantized_linear
+    from mtg_core.moe.streaming import attach
 
     config = type(config)(**config.to_dict())
     config.mtg_streamed_layers = list(streamed)

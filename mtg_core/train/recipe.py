@@ -239,7 +239,7 @@ def _record(trainer, result, wall: float, copies: int | None, base, registry: Re
         "streaming": {
             "layers": [layer.index for layer in streamer.layers],
             "copies": copies,
-            "copied_bytes": copies * streamer.layers[0].host.numel(),
+            "copied_bytes": copies * streamer.layers[0].host.numel() // streamer.per_layer,  # by groups: copies come in pairs
         } if streamer else None,
         "quantization": attrs.asdict(base.quantization, filter=lambda a, v: a.name != "first_unquantized"),
         "device": base.device,
