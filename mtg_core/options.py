@@ -137,6 +137,7 @@ def read_config(ctx: click.Context, param: click.Parameter, value: str | None) -
         except click.BadParameter as exc:
             raise click.BadParameter(f"{value}: {key} = {exc.message}") from None
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    ctx.meta["mtg_config"] = value  # for messages about what the file set
     return value
 
 

@@ -109,8 +109,14 @@ def test_config_values_of_the_wrong_type_are_refused_naming_file_key_and_value(t
         assert result.output.startswith(f"error: invalid value for '--config': {config}: {message}"), result.output
         assert len(result.output.strip().splitlines()) == 1
     config.write_text("all = true\nresume = true\nforce = true\neval-after = true\ndebug = false\nlr = 1\n")
-    assert run("--config", str(config)).exit_code == 0
+    result = run("--config", str(config))
+    assert result.exit_code == 0
     assert seen["all"] is True and seen["flags"] == (True, True, True) and seen["lr"] == 1.0
+    # force from a file acts on every run that uses it: each run says so (from the command line it does not)
+    assert f"warning: {config} sets force = true: this run resumes although the settings changed" in result.stderr
+    assert "sets force" not in run("--config", str(config), "--force").stderr
+    config.write_text('expert = "teach"\nforce = true\n')
+    assert "this run discards an interrupted run's checkpoints" in run("--config", str(config)).stderr
     config.write_text("learning_rate = 0.1\n")
     result = run("--config", str(config))
     assert result.exit_code == 2 and "allowed: all, base_model, batch_size, data, debug, epochs, eval_after, expert, force" in result.output

@@ -69,6 +69,7 @@ def train_command(expert, all_experts, list_experts, plan_only, as_json, strict,
             return
         from mtg_core.train.recipe import train_experts
 
+        _warn_force_from_config(resume, force)
         survive_closed_stderr()
         try:
             with stop_on_signals():
@@ -82,6 +83,17 @@ def train_command(expert, all_experts, list_experts, plan_only, as_json, strict,
             click.echo(f"interrupted: stopped by {signal.Signals(stop.signum).name} outside a training step; nothing was "
                        "half-written (adapters finished before it are installed, earlier ones untouched)", err=True)
             sys.exit(128 + stop.signum)
+
+
+def _warn_force_from_config(resume: bool, force: bool) -> None:
+    """--force in a config file acts on every run that uses the file: say so each time (the command line wins)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    if force and ctx.get_parameter_source("force") is ParameterSource.DEFAULT_MAP:
+        what = "resumes although the settings changed" if resume else "discards an interrupted run's checkpoints"
+        click.echo(f"warning: {ctx.meta['mtg_config']} sets force = true: this run {what}; pass --force on the command "
+                   "line instead, for the one run that needs it", err=True)
 
 
 def _plan(registry: Registry, name, all_experts, base_model, hyper: dict, as_json: bool) -> None:
