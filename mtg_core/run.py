@@ -38,6 +38,11 @@ class TrainOptions:
     gpu_memory: float | None = None  # GiB to plan for; None: the device's free memory
     host_memory: float | None = None  # GiB of host RAM to plan for; None: what is available
 
+    @classmethod
+    def given(cls, hyper: dict) -> TrainOptions:
+        """The options the command line or config file gave (None: not given, the default here applies)."""
+        return cls(**{k: v for k, v in hyper.items() if v is not None})
+
 
 @attrs.frozen
 class Run:
@@ -98,7 +103,7 @@ def base_for(adapters: Path | None, experts, base_model: str | None):
 
     if base_model:
         return choose_base(base_model)
-    for expert in experts if adapters is not None else ():
+    for expert in experts if adapters is not None else ():  # training has no adapters to ask
         if (adapters / expert.name / "adapter_config.json").is_file():
             recorded = recorded_base(check_adapter_files(adapters, expert.name))
             if recorded is not None:

@@ -12,7 +12,7 @@ from mtg_core.base_models import TINY_CONFIG, base_config, choose_base, load_bas
 from mtg_core.moe import grouped
 from mtg_core.moe.streaming import set_expert_chunk
 from mtg_core.moe.synthetic import mixtral_config
-from mtg_core.plan import GIB, AUTO_SHARE, chunked, dequantized_bytes, plan_memory, streamed_copies
+from mtg_core.plan import GIB, AUTO_SHARE, chunked, dequantized_bytes, expert_packed_bytes, plan_memory, streamed_copies
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]
 
@@ -214,3 +214,6 @@ def test_mtg_train_stages_by_group_when_the_plan_needs_it_and_writes_the_same_ad
     meta = json.loads((tmp_path / "grouped" / "explain" / "training_meta.json").read_text())
     assert meta["memory_plan"]["staging"] == "group" and meta["memory_plan"]["fits"] and meta["memory_plan"]["expert_chunk"] is not None
     assert "streamed experts staged by matrix group" in (tmp_path / "grouped" / "training_log.txt").read_text()
+    third = expert_packed_bytes(base_config(choose_base(TINY))) // 3  # w2 of every expert; w1|w3 is two of these
+    copied, copies = meta["streaming"]["copied_bytes"], meta["streaming"]["copies"]
+    assert copied % third == 0 and third * copies < copied < 2 * third * copies  # groups, both kinds, counted as copied

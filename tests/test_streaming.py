@@ -221,6 +221,8 @@ def test_training_with_every_expert_streamed_writes_the_same_adapter(tmp_path):
     assert all(torch.equal(resident[k], streamed[k]) for k in resident)
     meta = json.loads((tmp_path / "all" / "explain" / "training_meta.json").read_text())
     assert meta["memory_plan"]["offloaded_layers"] == 2 and meta["streaming"]["copies"] > 0
+    layer = expert_packed_bytes(base_config(choose_base("tiny-mixtral")))  # staged by layer: every copy is a whole layer
+    assert meta["streaming"]["copied_bytes"] == meta["streaming"]["copies"] * layer
     assert "2 layers' experts in host memory" in (tmp_path / "all" / "training_log.txt").read_text()
     losses = {}
     for offload in ("none", "all"):

@@ -101,7 +101,7 @@ def _plan(registry: Registry, name, all_experts, base_model, hyper: dict, as_jso
     from mtg_core.run import TrainOptions, base_for, memory_plan, select_experts
 
     experts = select_experts(registry, name, all_experts)
-    options = TrainOptions(**{k: v for k, v in hyper.items() if v is not None})
+    options = TrainOptions.given(hyper)
     choice = base_for(None, experts, base_model)
     plans = []
     for expert in experts:

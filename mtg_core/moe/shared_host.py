@@ -224,7 +224,7 @@ class NodeShare:
             raise BaseModelError(f"{path}: cannot open local rank 0's copy of the streamed experts ({exc.strerror}); "
                                  "see local rank 0's error") from None
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or not os.pread(fd, len(MAGIC), 0) == MAGIC:
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or os.pread(fd, len(MAGIC), 0) != MAGIC:
             os.close(fd)
             raise BaseModelError(f"{path} is not a file this run wrote; remove it and start again")
         return fd

@@ -43,7 +43,7 @@ def train_experts(registry: Registry, name, all_experts, base_model, data, outpu
     if all_experts and data:
         raise ConfigError("--data applies to one expert: use it with --expert, not --all")
     output_dir = require_output_dir(output_dir)
-    options = TrainOptions(**{k: v for k, v in hyper.items() if v is not None})
+    options = TrainOptions.given(hyper)
     jobs = [prepare(registry, expert, options, data) for expert in experts]  # all data checked before weights load
     check_output_dir(output_dir)
     locks = lock_all(output_dir, [expert.name for expert in experts]) if rank() == 0 else []  # rank 0 writes
@@ -136,11 +136,11 @@ def train_expert(base, run: Run, job: ExpertJob, plan, output_dir: Path) -> dict
     try:
         _start_work_folder(model, base, job, options, work, main_process)
         trainer, progress = make_trainer(model, base, run.registry, job, options, work)
-        result, wall, copies = run_trainer(trainer, progress, base, job, plan, options, work)
+        result, wall, copied = run_trainer(trainer, progress, base, job, plan, options, work)
         if not main_process:
             finished = True
             return {}
-        meta = _record(trainer, result, wall, copies, base, run.registry, job, plan, options)
+        meta = _record(trainer, result, wall, copied, base, run.registry, job, plan, options)
         new = _save_adapter(model, base, meta, work)
         if final.exists() or final.is_symlink():
             reason = is_ours(final, expert.name)  # checked before training too; the user may have added files since
@@ -199,7 +199,7 @@ def _start_work_folder(model, base, job: ExpertJob, options: TrainOptions, work:
             replace_file(work / "run.json", json.dumps(run_identity(job, options, base.choice.identity), indent=2))
 
 
-def _record(trainer, result, wall: float, copies: int | None, base, registry: Registry, job: ExpertJob, plan,
+def _record(trainer, result, wall: float, copied: tuple[int, int] | None, base, registry: Registry, job: ExpertJob, plan,
             options: TrainOptions) -> dict:
     """training_meta.json: what was trained, on what, from which data, how it went and with which versions."""
     import torch
@@ -238,8 +238,8 @@ def _record(trainer, result, wall: float, copies: int | None, base, registry: Re
         "plugin_callbacks": registry.callback_seconds(expert.name),
         "streaming": {
             "layers": [layer.index for layer in streamer.layers],
-            "copies": copies,
-            "copied_bytes": copies * streamer.layers[0].host.numel() // streamer.per_layer,  # by groups: copies come in pairs
+            "copies": copied[0],
+            "copied_bytes": copied[1],
         } if streamer else None,
         "quantization": attrs.asdict(base.quantization, filter=lambda a, v: a.name != "first_unquantized"),
         "device": base.device,

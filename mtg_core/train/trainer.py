@@ -175,7 +175,7 @@ def make_trainer(model, base, registry: Registry, job: ExpertJob, options: Train
 
 
 def run_trainer(trainer, progress, base, job: ExpertJob, plan, options: TrainOptions, work: Path):
-    """Run the Trainer: its result, the wall time and the streamed layers' copies (None without streaming); a stop
+    """Run the Trainer: its result, the wall time and the streamed experts' (copies, bytes) (None without streaming); a stop
     signal ends here with a checkpoint to continue from."""
     import torch
 
@@ -183,7 +183,7 @@ def run_trainer(trainer, progress, base, job: ExpertJob, plan, options: TrainOpt
     if job.resume_from:
         log.info("%s: resumed from step %d (%s)", expert.name, step_of(job.resume_from), job.resume_from)
     streamer = getattr(base.model, "expert_streamer", None)
-    copies_before = streamer.copies if streamer else 0
+    before = (streamer.copies, streamer.copied_bytes) if streamer else None
     started = time.perf_counter()
     STOP.phase = "training"
     try:
@@ -208,4 +208,4 @@ def run_trainer(trainer, progress, base, job: ExpertJob, plan, options: TrainOpt
             f"stopped by {signal.Signals(STOP.signum).name} at step {trainer.state.global_step}; checkpoint in "
             f"{checkpoint}; continue with: {continue_command()}",
         )
-    return result, wall, streamer.copies - copies_before if streamer else None
+    return result, wall, (streamer.copies - before[0], streamer.copied_bytes - before[1]) if streamer else None
